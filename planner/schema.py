@@ -75,6 +75,8 @@ class PlanSpec:
     vocab: Mapping[str, frozenset[str]] | None = None  # allowed texts per field (None: free text)
     object_grammar: ObjectGrammar | None = None  # when set, every OBJECT text must follow it
     defaults: Mapping[str, str] | None = None  # texts `repair` may fill in for missing fields
+    # computes missing required fields from the present ones, e.g. LAYOUT and COLOR from the objects
+    derive: Callable[[list[tuple[str, str]]], Mapping[str, str]] | None = None
     count_tokens: Callable[[str], int] = count_words
 
     def __post_init__(self) -> None:
@@ -334,7 +336,8 @@ def repair_plan(text: str, spec: PlanSpec | None = None) -> RepairResult:
     Fixes: text around the plan is dropped, a missing ``<IMG_BEGIN>``/``<IMG_END>`` is supplied, unknown
     tags and empty fields are removed, fields are put in order (the first of a repeated single field is
     kept), over-long fields are cut to the token limit, out-of-vocabulary texts are replaced by the
-    closest vocabulary entry, missing required fields are filled from ``spec.defaults``, and surplus
+    closest vocabulary entry, missing required fields are derived (``spec.derive``) or filled from
+    ``spec.defaults``, and surplus
     OBJECT entries are dropped. OBJECT texts that break ``spec.object_grammar`` cannot be repaired.
     """
     spec = spec or PlanSpec()
@@ -404,9 +407,20 @@ def repair_plan(text: str, spec: PlanSpec | None = None) -> RepairResult:
         if body:
             kept.append((name, body))
     present = {n for n, _ in kept}
+    if "OBJECT" in spec.required and "OBJECT" not in present:
+        raise PlanError("is required (at least one OBJECT); an object cannot be made up", "OBJECT")
+    derived: Mapping[str, str] = {}
+    if spec.derive is not None and any(n not in present for n in spec.required):
+        try:
+            derived = spec.derive(kept)
+        except PlanError:
+            derived = {}
     for name in spec.required:
         if name not in present:
-            if spec.defaults and name in spec.defaults:
+            if name in derived:
+                kept.append((name, derived[name]))
+                fixes.append(f"derived missing {name} '{derived[name]}' from the other fields")
+            elif spec.defaults and name in spec.defaults:
                 kept.append((name, spec.defaults[name]))
                 fixes.append(f"filled missing {name} with default '{spec.defaults[name]}'")
             else:

@@ -7,7 +7,7 @@ the ``class`` and ``color`` strings of ShapesEval's metadata.
 
 from __future__ import annotations
 
-from planner.schema import ObjectGrammar, PlanSpec
+from planner.schema import ObjectGrammar, PlanError, PlanSpec
 
 IMAGE_SIZE = 64  # pixels, square
 SUPERSAMPLE = 4  # the renderer draws at 4x and box-filters down (anti-aliasing)
@@ -95,6 +95,21 @@ PLAN_DEFAULTS = {
     "CAMERA": CAMERA_TEXT[DEFAULT_CAMERA],
 }
 
+
+def derive_plan_fields(fields: list[tuple[str, str]]) -> dict[str, str]:
+    """LAYOUT and COLOR of a toy plan follow from its objects (used by `repair_plan` to fill them in)."""
+    from toyworld.scene import SceneSpec  # scene builds on this module
+
+    objects = [t for n, t in fields if n == "OBJECT"]
+    parsed = [OBJECT_GRAMMAR.parse(t) for t in objects]
+    try:
+        spec = SceneSpec(tuple(parsed))
+    except ValueError as err:
+        raise PlanError(f"objects describe no drawable scene: {err}", "OBJECT") from None
+    plan = spec.to_plan()
+    return {"LAYOUT": plan.layout, "COLOR": plan.color}
+
+
 TOY_PLAN_SPEC = PlanSpec(
     max_field_tokens=24,
     max_total_tokens=120,
@@ -107,6 +122,7 @@ TOY_PLAN_SPEC = PlanSpec(
     },
     object_grammar=OBJECT_GRAMMAR,
     defaults=PLAN_DEFAULTS,
+    derive=derive_plan_fields,
 )
 
 
