@@ -1,0 +1,116 @@
+"""`Conditioning`: the only thing the U-Net side knows about its conditioning.
+
+A native text encoder, the LLM bridge and a learned null all produce one. ``tokens`` feed the U-Net's
+cross-attention (the "what"); ``pooled`` is an optional global vector (the "how", e.g. through a
+zero-initialised modulation of the time embedding); ``per_depth`` optionally routes different tokens to
+different U-Net blocks (hierarchical injection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    tokens: torch.Tensor  # (B, M, d_ctx): keys/values of the U-Net's cross-attention
+    mask: torch.Tensor | None = None  # (B, M) bool, True = attend; None = all tokens valid
+    pooled: torch.Tensor | None = None  # (B, d_g) global vector
+    per_depth: dict[str, torch.Tensor] | None = field(default=None)  # block name -> (B, M_k, d_ctx)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, torch.Tensor) or self.tokens.ndim != 3:
+            raise ValueError(f"Conditioning.tokens must be a (B, M, d) tensor, got {_shape(self.tokens)}")
+        b, m, _ = self.tokens.shape
+        if self.mask is not None and (self.mask.shape != (b, m) or self.mask.dtype != torch.bool):
+            raise ValueError(f"Conditioning.mask must be a ({b}, {m}) bool tensor, got {_shape(self.mask)}")
+        if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != b):
+            raise ValueError(f"Conditioning.pooled must be a ({b}, d) tensor, got {_shape(self.pooled)}")
+        for name, t in (self.per_depth or {}).items():
+            if t.ndim != 3 or t.shape[0] != b or t.shape[2] != self.tokens.shape[2]:
+                raise ValueError(f"Conditioning.per_depth[{name!r}] must be ({b}, M, {self.tokens.shape[2]}), "
+                                 f"got {_shape(t)}")  # fmt: skip
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[2]
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        """Move to a device / cast floating tensors to a dtype (the mask stays bool)."""
+
+        def mv(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        per_depth = None if self.per_depth is None else {k: mv(v) for k, v in self.per_depth.items()}
+        return Conditioning(mv(self.tokens), mv(self.mask), mv(self.pooled), per_depth)
+
+    def to_prompt_embeds(self) -> torch.Tensor:
+        """The ``prompt_embeds`` a stock diffusers pipeline accepts: tokens with masked positions zeroed.
+
+        Stock pipelines have no attention mask for ``prompt_embeds``; zeroed padding is what a padded
+        text encoder would contribute least. Pass the mask to our own sampler to ignore padding exactly.
+        """
+        if self.mask is None:
+            return self.tokens
+        return self.tokens * self.mask[..., None].to(self.tokens.dtype)
+
+    def attention_bias(self) -> torch.Tensor | None:
+        """``encoder_attention_mask`` for diffusers' U-Net: (B, M) with 1 = keep, 0 = discard."""
+        return None if self.mask is None else self.mask.to(self.tokens.dtype)
+
+    def index(self, idx) -> Conditioning:
+        """Select rows of the batch."""
+
+        def sel(t):
+            return None if t is None else t[idx]
+
+        per_depth = None if self.per_depth is None else {k: v[idx] for k, v in self.per_depth.items()}
+        return Conditioning(sel(self.tokens), sel(self.mask), sel(self.pooled), per_depth)
+
+    def repeat(self, n: int) -> Conditioning:
+        """Repeat each row ``n`` times (row i -> rows i*n .. i*n+n-1), e.g. for several images per prompt."""
+        return self.index(torch.arange(self.batch_size, device=self.tokens.device).repeat_interleave(n))
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        """Concatenate along the batch, padding token counts to the longest (padding masked out)."""
+        if not items:
+            raise ValueError("Conditioning.cat needs at least one item")
+        m = max(c.tokens.shape[1] for c in items)
+        tokens, masks = [], []
+        for c in items:
+            pad = m - c.tokens.shape[1]
+            mask = c.mask if c.mask is not None else torch.ones(c.tokens.shape[:2], dtype=torch.bool,
+                                                                 device=c.tokens.device)  # fmt: skip
+            tokens.append(torch.nn.functional.pad(c.tokens, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(mask, (0, pad), value=False))
+        any_mask = any(c.mask is not None for c in items) or len({c.tokens.shape[1] for c in items}) > 1
+        pooled = None
+        if all(c.pooled is not None for c in items):
+            pooled = torch.cat([c.pooled for c in items])
+        elif any(c.pooled is not None for c in items):
+            raise ValueError("Conditioning.cat: either all items have a pooled vector or none")
+        per_depth = None
+        if all(c.per_depth is not None for c in items):
+            keys = set(items[0].per_depth)
+            if any(set(c.per_depth) != keys for c in items):
+                raise ValueError("Conditioning.cat: per_depth keys differ")
+            per_depth = {}
+            for k in keys:
+                mk = max(c.per_depth[k].shape[1] for c in items)
+                per_depth[k] = torch.cat(
+                    [torch.nn.functional.pad(c.per_depth[k], (0, 0, 0, mk - c.per_depth[k].shape[1])) for c in items]
+                )
+        return Conditioning(torch.cat(tokens), torch.cat(masks) if any_mask else None, pooled, per_depth)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) + f" {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
