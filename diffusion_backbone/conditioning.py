@@ -30,8 +30,9 @@ class Conditioning:
             raise ValueError(f"Conditioning.pooled must be a ({b}, d) tensor, got {_shape(self.pooled)}")
         for name, t in (self.per_depth or {}).items():
             if t.ndim != 3 or t.shape[0] != b or t.shape[2] != self.tokens.shape[2]:
-                raise ValueError(f"Conditioning.per_depth[{name!r}] must be ({b}, M, {self.tokens.shape[2]}), "
-                                 f"got {_shape(t)}")  # fmt: skip
+                raise ValueError(
+                    f"Conditioning.per_depth[{name!r}] must be ({b}, M, {self.tokens.shape[2]}), got {_shape(t)}"
+                )
 
     @property
     def batch_size(self) -> int:
@@ -88,8 +89,11 @@ class Conditioning:
         tokens, masks = [], []
         for c in items:
             pad = m - c.tokens.shape[1]
-            mask = c.mask if c.mask is not None else torch.ones(c.tokens.shape[:2], dtype=torch.bool,
-                                                                 device=c.tokens.device)  # fmt: skip
+            mask = (
+                c.mask
+                if c.mask is not None
+                else torch.ones(c.tokens.shape[:2], dtype=torch.bool, device=c.tokens.device)
+            )
             tokens.append(torch.nn.functional.pad(c.tokens, (0, 0, 0, pad)))
             masks.append(torch.nn.functional.pad(mask, (0, pad), value=False))
         any_mask = any(c.mask is not None for c in items) or len({c.tokens.shape[1] for c in items}) > 1

@@ -36,6 +36,78 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_base(model: str | None):
+    from diffusion_backbone.models import load_backbone
+    from toyworld.pretrained import pretrained_path
+
+    return load_backbone(model or pretrained_path("base"))
+
+
+def _save_images(images, out: str) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from safeio import atomic_write_bytes
+
+    grid = images[0] if len(images) == 1 else np.concatenate(list(images), axis=1)  # side by side
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    from toyworld.grammar import check_prompt
+
+    prompt = check_prompt(args.prompt)
+    seeds = [args.seed + k for k in range(args.n)]
+    if not args.native:
+        raise SystemExit("error: only --native generation is available so far")
+    from diffusion_backbone.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline(_load_base(args.model))
+    out = pipe(
+        [prompt] * args.n, seeds, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, progress=True
+    )
+    _save_images(out.images, args.output)
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
+    print(f"wrote {args.output} ({args.n} image(s), {timings}; {time.perf_counter() - t0:.2f}s since start)")
+    return 0
+
+
+def _native_generator(args: argparse.Namespace):
+    from diffusion_backbone.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline(_load_base(args.model))
+
+    def generate(prompts, batch, seeds):
+        return pipe(
+            prompts,
+            seeds,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            batch_size=len(prompts),
+        ).images
+
+    return generate
+
+
+def _vae_round_trip(args: argparse.Namespace):
+    from diffusion_backbone.sampling import decode_latents, encode_images
+
+    vae = _load_base(args.model).vae
+
+    def transform(images):
+        return decode_latents(vae, encode_images(vae, images))
+
+    return transform
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from toyworld.eval.metadata import read_metadata
     from toyworld.eval.runner import (
@@ -57,25 +129,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 kept.append(e)
         entries = kept
     images = None
+    if sum([bool(args.images), args.ground_truth, bool(args.generate)]) != 1:
+        raise SystemExit("error: pass exactly one of --images DIR, --ground-truth, --generate native")
+    extra = {"metadata": str(metadata)}
     if args.images:
-        if args.ground_truth:
-            raise SystemExit("error: pass either --images or --ground-truth, not both")
         results = score_folder(entries, args.images)
         title = f"ShapesEval: {args.images}"
-    elif args.ground_truth:
-        generate = ground_truth_generator(args.degrade)
-        results, images = score_generator(
-            entries, generate, n_per_prompt=args.n_per_prompt, seed=args.seed, keep_images=args.save_images
-        )
-        title = f"ShapesEval ground truth (degrade={args.degrade}, {metadata.name})"
     else:
-        raise SystemExit("error: pass --images DIR or --ground-truth")
-    summary = write_report(args.out, entries, results, title, images=images, extra={"metadata": str(metadata)})
+        if args.ground_truth:
+            if args.degrade == "vae":
+                generate = ground_truth_generator("none", transform=_vae_round_trip(args))
+            else:
+                generate = ground_truth_generator(args.degrade)
+            title = f"ShapesEval ground truth (degrade={args.degrade}, {metadata.name})"
+        else:
+            generate = _native_generator(args)
+            title = f"ShapesEval {args.generate} ({args.sampler}, {args.steps} steps, guidance {args.guidance})"
+            extra.update(sampler=args.sampler, steps=args.steps, guidance=args.guidance, generator=args.generate)
+        results, images = score_generator(
+            entries,
+            generate,
+            n_per_prompt=args.n_per_prompt,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            keep_images=args.save_images,
+        )
+    summary = write_report(args.out, entries, results, title, images=images, extra=extra)
     from toyworld.eval.scoring import summary_table
 
     print(summary_table(summary, title))
     print(f"wrote {args.out}/results.jsonl, summary.json, summary.md")
     return 0
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["ddim", "euler-a", "dpm++2m"], default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,14 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--images", default=None, help="GenEval-layout folder DIR/<index>/samples/<k>.png")
     ev.add_argument("--ground-truth", action="store_true", help="render and score the metadata's own scenes")
     ev.add_argument(
-        "--degrade", choices=["none", "blur-noise"], default="none", help="degradation of ground-truth renders"
+        "--degrade",
+        choices=["none", "blur-noise", "vae"],
+        default="none",
+        help="degradation of ground-truth renders (vae: a round trip through the base model's VAE)",
     )
+    ev.add_argument("--generate", choices=["native"], default=None, help="generate the images with this pipeline")
+    ev.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
+    _add_sampling_args(ev)
+    ev.add_argument("--batch-size", type=int, default=32, help="images per generation batch")
     ev.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt when generating")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--limit-per-task", type=int, default=None, help="use only the first N prompts of each task")
     ev.add_argument("--save-images", action="store_true", help="also write generated images to OUT/images")
     ev.add_argument("--out", required=True, help="output folder for results.jsonl and summary.json")
     ev.set_defaults(func=_cmd_eval)
+
+    gen = sub.add_parser("generate", help="prompt -> image")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG (several images side by side)")
+    gen.add_argument("--native", action="store_true", help="native baseline: CLIP text -> frozen U-Net")
+    gen.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
+    gen.add_argument("--n", type=int, default=1, help="images (seeds seed .. seed + n - 1)")
+    gen.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
     return parser
 
 

@@ -132,6 +132,29 @@ def images_array(ds, indices=None) -> np.ndarray:
     return np.stack([np.asarray(x) for x in sub["image"]])
 
 
+def cached_split(path: str | Path, split: str = "train") -> tuple[np.ndarray, list[str], list[str]]:
+    """Images (N, 64, 64, 3) uint8, prompts and plans of one split, decoded once and cached beside the data set.
+
+    The image cache is ``<data set>/images_<split>.npy`` (plain numpy, loaded memory-mapped, no pickle).
+    """
+    path = Path(path)
+    ds = load_dataset_dir(path)
+    rows = [i for i, s in enumerate(ds["split"]) if s == split]
+    if not rows:
+        raise ValueError(f"data set {path} has no rows of split {split!r}")
+    cache = path / f"images_{split}.npy"
+    if not cache.is_file():
+        images = images_array(ds, rows)
+        buf = io.BytesIO()
+        np.save(buf, images, allow_pickle=False)
+        atomic_write_bytes(cache, buf.getvalue())
+    images = np.load(cache, mmap_mode="r", allow_pickle=False)
+    if images.shape[0] != len(rows):
+        raise ValueError(f"image cache {cache} has {images.shape[0]} rows, the split has {len(rows)}: delete it")
+    sub = ds.select(rows)
+    return images, list(sub["prompt"]), list(sub["plan"])
+
+
 def preview_grid(images: list[np.ndarray], captions: list[str], columns: int = 4, scale: int = 3) -> Image.Image:
     """A captioned grid: each image enlarged ``scale`` times with its caption wrapped underneath."""
     if len(images) != len(captions) or not images:

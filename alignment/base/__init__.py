@@ -1,0 +1,1 @@
+"""Training of the toy world's frozen base: VAE, CLIP and the text-conditioned U-Net."""

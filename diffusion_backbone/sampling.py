@@ -1,0 +1,196 @@
+"""Sampling, written out as a loop (diffusers style): schedulers, the one CFG function, VAE in and out.
+
+``sample(unet, scheduler, cond, uncond, ...)`` is the whole denoising loop; classifier-free guidance is
+applied in exactly one place, `classifier_free_guidance`. Randomness comes only from the explicit
+``generator`` (one per image for batch-size-independent results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from diffusion_backbone.conditioning import Conditioning
+
+SAMPLERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+Generator = torch.Generator | list[torch.Generator] | None
+# Called after each step with (step index, timestep, latents); return nothing.
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def make_scheduler(name: str, config: dict):
+    """A fresh scheduler of kind ``name`` (``ddim``, ``euler-a``, ``dpm++2m``) built from a training config."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {list(SAMPLERS)}")
+    cls, overrides = SAMPLERS[name]
+    return cls.from_config(dict(config), **overrides)
+
+
+def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Ho & Salimans (2022): eps = eps_uncond + s * (eps_cond - eps_uncond). The only place CFG happens."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def unet_forward(unet, latents: torch.Tensor, t, cond: Conditioning, **unet_kwargs) -> torch.Tensor:
+    """One U-Net call on a `Conditioning` (tokens as encoder states, mask as encoder attention mask)."""
+    return unet(
+        latents,
+        t,
+        encoder_hidden_states=cond.tokens,
+        encoder_attention_mask=cond.attention_bias(),
+        return_dict=False,
+        **unet_kwargs,
+    )[0]
+
+
+def predict_noise(
+    unet,
+    latents: torch.Tensor,
+    t,
+    cond: Conditioning,
+    uncond: Conditioning | None,
+    guidance_scale: float,
+    **unet_kwargs,
+) -> torch.Tensor:
+    """The model output at ``t`` with CFG; guidance 1 (or no ``uncond``) is the conditional prediction alone."""
+    if uncond is None or guidance_scale == 1.0:
+        return unet_forward(unet, latents, t, cond, **unet_kwargs)
+    both = Conditioning.cat([uncond, cond])  # same order as diffusers pipelines: [uncond, cond]
+    out = unet_forward(unet, torch.cat([latents, latents]), t, both, **unet_kwargs)
+    eps_uncond, eps_cond = out.chunk(2)
+    return classifier_free_guidance(eps_cond, eps_uncond, guidance_scale)
+
+
+def check_conditioning(unet, cond: Conditioning, what: str = "conditioning") -> None:
+    expected = unet.config.cross_attention_dim
+    if cond.dim != expected:
+        raise ValueError(f"{what} has width {cond.dim} but the U-Net's cross-attention expects {expected}")
+    if not torch.isfinite(cond.tokens).all():
+        raise ValueError(f"{what} tokens contain NaN or inf")
+
+
+def latent_shape(unet, batch_size: int) -> tuple[int, int, int, int]:
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return (batch_size, unet.config.in_channels, h, w)
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    scheduler,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    *,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 5.0,
+    generator: Generator = None,
+    latents: torch.Tensor | None = None,
+    eta: float = 0.0,
+    progress: bool = True,
+    callback: StepCallback | None = None,
+    unet_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """Denoise from noise to clean latents (B, C, H, W), one image per conditioning row.
+
+    ``uncond`` has batch size 1 (broadcast) or B. ``latents`` may be given as the initial noise (before
+    scaling by the scheduler's ``init_noise_sigma``); otherwise it is drawn from ``generator``.
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    b = cond.batch_size
+    check_conditioning(unet, cond)
+    if uncond is not None:
+        check_conditioning(unet, uncond, "unconditional conditioning")
+        if uncond.batch_size == 1 and b > 1:
+            uncond = uncond.repeat(b)
+        if uncond.batch_size != b:
+            raise ValueError(f"uncond has batch {uncond.batch_size}, cond has {b}")
+    if isinstance(generator, list) and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b}")
+    shape = latent_shape(unet, b)
+    device, dtype = unet.device, unet.dtype
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, the U-Net expects {shape}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("initial latents contain NaN or inf")
+        latents = latents.to(device=device, dtype=dtype)
+    cond = cond.to(device, dtype)
+    uncond = None if uncond is None else uncond.to(device, dtype)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    latents = latents * scheduler.init_noise_sigma
+    step_kwargs = _step_kwargs(scheduler, generator, eta)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+        model_in = scheduler.scale_model_input(latents, t)
+        eps = predict_noise(unet, model_in, t, cond, uncond, guidance_scale, **(unet_kwargs or {}))
+        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        if callback is not None:
+            callback(i, int(t), latents)
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError("sampling produced NaN or inf latents")
+    return latents
+
+
+def _step_kwargs(scheduler, generator: Generator, eta: float) -> dict:
+    import inspect
+
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------------- VAE
+def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    if not isinstance(images, torch.Tensor):
+        arr = np.asarray(images)
+        images = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    x = images
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (B, H, W, 3), got {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_images(
+    vae, images: np.ndarray | torch.Tensor, generator: torch.Generator | None = None, sample_posterior: bool = False
+) -> torch.Tensor:
+    """Images (B, H, W, 3) uint8 -> scaled latents (the U-Net's input space): (z - shift) * scaling_factor."""
+    x = images_to_tensor(images).to(vae.device, vae.dtype)
+    dist = vae.encode(x).latent_dist
+    z = dist.sample(generator) if sample_posterior else dist.mode()
+    shift = vae.config.shift_factor or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """Scaled latents -> images (B, H, W, 3) uint8."""
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents to decode contain NaN or inf")
+    shift = vae.config.shift_factor or 0.0
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+    return tensor_to_images(vae.decode(z, return_dict=False)[0])
