@@ -125,7 +125,7 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
     state = TrainState()
     if (out / "checkpoint").is_dir():
         state = load_checkpoint(out / "checkpoint", {"clip": model}, opt, sched)
-        logger.truncate_after(state.step - 1)
+        logger.truncate_after(state.step)
     atomic_write_json(out / "config.json", asdict(cfg))
     model.train()
     t_last = time.perf_counter()

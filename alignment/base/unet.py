@@ -132,7 +132,7 @@ def train_unet(cfg: UNetTrainConfig, progress: bool = True) -> Path:
     state = TrainState()
     if (out / "checkpoint").is_dir():
         state = load_checkpoint(out / "checkpoint", {"unet": unet}, opt, sched, ema, generators={"noise": gen})
-        logger.truncate_after(state.step - 1)
+        logger.truncate_after(state.step)
     atomic_write_json(out / "config.json", asdict(cfg))
     unet.train()
     t_last = time.perf_counter()

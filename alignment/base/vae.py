@@ -77,7 +77,7 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> Path:
     state = TrainState()
     if (out / "checkpoint").is_dir():
         state = load_checkpoint(out / "checkpoint", {"vae": vae}, opt, sched, generators={"sample": gen})
-        logger.truncate_after(state.step - 1)
+        logger.truncate_after(state.step)
     atomic_write_json(out / "config.json", asdict(cfg))
     vae.train()
     t_last = time.perf_counter()
