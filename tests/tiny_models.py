@@ -90,3 +90,85 @@ def save_tiny_sd(folder: Path) -> Path:
     ).save_pretrained(str(folder / "scheduler"))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+TINY_CORPUS = [
+    "a red circle on the left and two blue squares above a green star",
+    "three yellow triangles, close-up, in dim light, outlined, plain background",
+    "1 medium red circle at center, top left, bottom right, vertical gradient background",
+    "Request: Plan: the quick brown fox jumps over the lazy dog 0 1 2 3 4",
+]
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 300, chat_template: str | None = None):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on a few sentences (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TINY_CORPUS * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def save_tiny_llm(folder: Path, arch: str, chat_template: str | None = None) -> Path:
+    """A tiny random causal LM of ``arch`` (llama, qwen2, gpt2) with a tiny tokenizer, as safetensors."""
+    import transformers
+
+    tok = tiny_bpe_tokenizer(chat_template=chat_template)
+    n = len(tok)
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=n,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder
