@@ -1,0 +1,238 @@
+"""The toy planner LLM: a BPE tokenizer with the planning tokens, a small Llama, SFT with TRL, and metrics.
+
+Supervised fine-tuning on prompt -> canonical plan uses TRL's `SFTTrainer` on a prompt-completion data set,
+so the loss is on the completion (the plan) only. Training resumes from the Trainer's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from planner.planner import Planner, PlanResult
+from planner.schema import FIELDS, Plan, PlanError, PlanSpec
+from planner.tokens import add_planning_tokens, format_prompt
+from safeio import atomic_dir, atomic_write_json
+
+
+@dataclass
+class PlannerTrainConfig:
+    data: str = "data/toy50k"  # a `plan2img data build` folder; its "train" split is used
+    out: str = "runs/planner"  # checkpoints/, log.jsonl, final/
+    vocab_size: int = 1024  # BPE vocabulary (before the planning tokens)
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 704
+    epochs: float = 2.0
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    seed: int = 0
+    save_steps: int = 200
+    logging_steps: int = 20
+    threads: int | None = None
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE `PreTrainedTokenizerFast` over ``texts`` with <pad>, <s>, </s> and the planning tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=256
+    )
+    add_planning_tokens(fast)
+    return fast
+
+
+def plan_body(plan_text: str) -> str:
+    """The text of a plan without special spacing changes (what the completion holds)."""
+    return " " + plan_text
+
+
+def toy_llm(tokenizer, cfg: PlannerTrainConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def sft_dataset(tokenizer, prompts: list[str], plans: list[str]):
+    """TRL prompt-completion rows: the prompt format, then the plan (from <IMG_BEGIN>) and EOS."""
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [format_prompt(tokenizer, p) for p in prompts],
+            "completion": [plan_body(t) + tokenizer.eos_token for t in plans],
+        }
+    )
+
+
+class JsonlCallback(TrainerCallback):
+    """Writes the Trainer's logs to JSONL (one object per logging step)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
+
+
+def train_planner(cfg: PlannerTrainConfig) -> Path:
+    """Train the toy planner (resuming from the last checkpoint in ``cfg.out/checkpoints``); returns final/."""
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from toyworld.data import load_dataset_dir
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ds = load_dataset_dir(cfg.data)
+    train = ds.filter(lambda s: s == "train", input_columns="split")
+    tok_dir = out / "tokenizer"
+    if tok_dir.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    else:
+        tokenizer = train_bpe_tokenizer(list(ds["prompt"]) + list(ds["plan"]), cfg.vocab_size)
+        with atomic_dir(tok_dir) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    model = toy_llm(tokenizer, cfg)
+    rows = sft_dataset(tokenizer, list(train["prompt"]), list(train["plan"]))
+    atomic_write_json(out / "config.json", asdict(cfg))
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=1.0,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        max_length=256,
+        completion_only_loss=True,
+        dataset_num_proc=1,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        callbacks=[JsonlCallback(out / "log.jsonl")],
+    )
+    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    planner = Planner(trainer.model, tokenizer)
+    return planner.save_pretrained(out / "final")
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _bag(text: str | None) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text or "")
+
+
+def _f1(pred: list[str], gold: list[str]) -> float:
+    if not pred and not gold:
+        return 1.0
+    common = sum(min(pred.count(w), gold.count(w)) for w in set(pred))
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(gold)
+    return 2 * p * r / (p + r)
+
+
+def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpec | None = None) -> dict:
+    """Exact match, per-field token F1, object-level F1 (OBJECT entries as items) and parse rate."""
+    exact, parsed = 0, 0
+    field_f1: dict[str, list[float]] = {f: [] for f in FIELDS}
+    tp = n_pred = n_gold = 0
+    for r, gold_text in zip(results, gold_texts):
+        gold = Plan.parse(gold_text)
+        pred = None
+        try:
+            pred = Plan.parse(r.text, spec) if spec is not None else Plan.parse(r.text)
+            parsed += 1
+        except PlanError:
+            pred = r.plan  # a repaired plan still counts for F1, not for the parse rate
+        if pred is not None and pred.to_text() == gold.to_text():
+            exact += 1
+        for f in FIELDS:
+            field_f1[f].append(_f1(_bag(pred.get(f) if pred else None), _bag(gold.get(f))))
+        pred_objs = list(pred.objects) if pred else []
+        gold_objs = list(gold.objects)
+        n_pred += len(pred_objs)
+        n_gold += len(gold_objs)
+        for o in pred_objs:
+            if o in gold_objs:
+                gold_objs.remove(o)
+                tp += 1
+    p = tp / n_pred if n_pred else 0.0
+    rec = tp / n_gold if n_gold else 0.0
+    n = len(results)
+    return {
+        "n": n,
+        "exact_match": exact / n,
+        "parse_rate": parsed / n,
+        "field_f1": {f: float(np.mean(v)) for f, v in field_f1.items()},
+        "object_f1": 2 * p * rec / (p + rec) if p + rec else 0.0,
+    }
+
+
+def eval_prompts(split: str, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """``n`` fresh prompts of ``split`` families with their canonical plans (not rows of a training set)."""
+    from toyworld.data import make_example
+
+    prompts, plans = [], []
+    i = 0
+    while len(prompts) < n:
+        row = make_example(seed, i, heldout_fraction=1.0 if split == "heldout" else 0.0)
+        prompts.append(row["prompt"])
+        plans.append(row["plan"])
+        i += 1
+    return prompts, plans
