@@ -18,7 +18,7 @@ class Conditioning:
     tokens: torch.Tensor  # (B, M, d_ctx): keys/values of the U-Net's cross-attention
     mask: torch.Tensor | None = None  # (B, M) bool, True = attend; None = all tokens valid
     pooled: torch.Tensor | None = None  # (B, d_g) global vector
-    per_depth: dict[str, torch.Tensor] | None = field(default=None)  # block name -> (B, M_k, d_ctx)
+    per_depth: dict[str, Conditioning] | None = field(default=None)  # depth group -> its own tokens and mask
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, torch.Tensor) or self.tokens.ndim != 3:
@@ -28,10 +28,10 @@ class Conditioning:
             raise ValueError(f"Conditioning.mask must be a ({b}, {m}) bool tensor, got {_shape(self.mask)}")
         if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != b):
             raise ValueError(f"Conditioning.pooled must be a ({b}, d) tensor, got {_shape(self.pooled)}")
-        for name, t in (self.per_depth or {}).items():
-            if t.ndim != 3 or t.shape[0] != b or t.shape[2] != self.tokens.shape[2]:
+        for name, c in (self.per_depth or {}).items():
+            if not isinstance(c, Conditioning) or c.batch_size != b or c.dim != self.dim:
                 raise ValueError(
-                    f"Conditioning.per_depth[{name!r}] must be ({b}, M, {self.tokens.shape[2]}), got {_shape(t)}"
+                    f"Conditioning.per_depth[{name!r}] must be a Conditioning of batch {b}, width {self.dim}"
                 )
 
     @property
@@ -50,7 +50,7 @@ class Conditioning:
                 return None
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        per_depth = None if self.per_depth is None else {k: mv(v) for k, v in self.per_depth.items()}
+        per_depth = None if self.per_depth is None else {k: v.to(device, dtype) for k, v in self.per_depth.items()}
         return Conditioning(mv(self.tokens), mv(self.mask), mv(self.pooled), per_depth)
 
     def to_prompt_embeds(self) -> torch.Tensor:
@@ -67,13 +67,37 @@ class Conditioning:
         """``encoder_attention_mask`` for diffusers' U-Net: (B, M) with 1 = keep, 0 = discard."""
         return None if self.mask is None else self.mask.to(self.tokens.dtype)
 
+    def concat_tokens(self, other: Conditioning) -> Conditioning:
+        """Tokens of ``self`` followed by those of ``other`` (e.g. native text tokens, then connector tokens)."""
+        if other.batch_size != self.batch_size or other.dim != self.dim:
+            raise ValueError(
+                f"cannot concatenate conditionings of batch/width {self.batch_size}/{self.dim} and "
+                f"{other.batch_size}/{other.dim}"
+            )
+
+        def full(c):
+            return (
+                c.mask
+                if c.mask is not None
+                else torch.ones(c.tokens.shape[:2], dtype=torch.bool, device=c.tokens.device)
+            )
+
+        mask = None
+        if self.mask is not None or other.mask is not None:
+            mask = torch.cat([full(self), full(other)], dim=1)
+        pooled = other.pooled if other.pooled is not None else self.pooled
+        per_depth = None
+        if other.per_depth is not None:
+            per_depth = {k: self.concat_tokens(v) for k, v in other.per_depth.items()}
+        return Conditioning(torch.cat([self.tokens, other.tokens], dim=1), mask, pooled, per_depth)
+
     def index(self, idx) -> Conditioning:
         """Select rows of the batch."""
 
         def sel(t):
             return None if t is None else t[idx]
 
-        per_depth = None if self.per_depth is None else {k: v[idx] for k, v in self.per_depth.items()}
+        per_depth = None if self.per_depth is None else {k: v.index(idx) for k, v in self.per_depth.items()}
         return Conditioning(sel(self.tokens), sel(self.mask), sel(self.pooled), per_depth)
 
     def repeat(self, n: int) -> Conditioning:
@@ -107,12 +131,9 @@ class Conditioning:
             keys = set(items[0].per_depth)
             if any(set(c.per_depth) != keys for c in items):
                 raise ValueError("Conditioning.cat: per_depth keys differ")
-            per_depth = {}
-            for k in keys:
-                mk = max(c.per_depth[k].shape[1] for c in items)
-                per_depth[k] = torch.cat(
-                    [torch.nn.functional.pad(c.per_depth[k], (0, 0, 0, mk - c.per_depth[k].shape[1])) for c in items]
-                )
+            per_depth = {k: Conditioning.cat([c.per_depth[k] for c in items]) for k in keys}
+        elif any(c.per_depth is not None for c in items):
+            raise ValueError("Conditioning.cat: either all items have per_depth conditionings or none")
         return Conditioning(torch.cat(tokens), torch.cat(masks) if any_mask else None, pooled, per_depth)
 
 

@@ -24,6 +24,8 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
 }
 
 Generator = torch.Generator | list[torch.Generator] | None
+# A conditioning that depends on the timestep: (B,) timesteps -> Conditioning.
+ConditioningFn = Callable[[torch.Tensor], Conditioning]
 # Called after each step with (step index, timestep, latents); return nothing.
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -42,14 +44,24 @@ def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, s
 
 
 def unet_forward(unet, latents: torch.Tensor, t, cond: Conditioning, **unet_kwargs) -> torch.Tensor:
-    """One U-Net call on a `Conditioning` (tokens as encoder states, mask as encoder attention mask)."""
+    """One U-Net call on a `Conditioning`: tokens as encoder states, mask as encoder attention mask, the pooled
+    vector as ``class_labels`` when a time modulation is installed, per-depth groups to routed processors."""
+    kwargs = dict(unet_kwargs)
+    if getattr(unet, "class_embedding", None) is not None:
+        if cond.pooled is None:
+            raise ValueError("this U-Net has a time modulation installed but the conditioning has no pooled vector")
+        kwargs["class_labels"] = cond.pooled
+    if cond.per_depth is not None:
+        cak = dict(kwargs.pop("cross_attention_kwargs", None) or {})
+        cak["per_depth"] = {k: (v.tokens, v.mask) for k, v in cond.per_depth.items()}
+        kwargs["cross_attention_kwargs"] = cak
     return unet(
         latents,
         t,
         encoder_hidden_states=cond.tokens,
         encoder_attention_mask=cond.attention_bias(),
         return_dict=False,
-        **unet_kwargs,
+        **kwargs,
     )[0]
 
 
@@ -57,12 +69,16 @@ def predict_noise(
     unet,
     latents: torch.Tensor,
     t,
-    cond: Conditioning,
+    cond: Conditioning | ConditioningFn,
     uncond: Conditioning | None,
     guidance_scale: float,
     **unet_kwargs,
 ) -> torch.Tensor:
-    """The model output at ``t`` with CFG; guidance 1 (or no ``uncond``) is the conditional prediction alone."""
+    """The model output at ``t`` with CFG; guidance 1 (or no ``uncond``) is the conditional prediction alone.
+
+    ``cond`` may be a function of the timestep (a timestep-aware connector)."""
+    if callable(cond) and not isinstance(cond, Conditioning):
+        cond = cond(torch.as_tensor(t).expand(latents.shape[0]))
     if uncond is None or guidance_scale == 1.0:
         return unet_forward(unet, latents, t, cond, **unet_kwargs)
     both = Conditioning.cat([uncond, cond])  # same order as diffusers pipelines: [uncond, cond]
@@ -89,7 +105,7 @@ def latent_shape(unet, batch_size: int) -> tuple[int, int, int, int]:
 def sample(
     unet,
     scheduler,
-    cond: Conditioning,
+    cond: Conditioning | ConditioningFn,
     uncond: Conditioning | None = None,
     *,
     num_inference_steps: int = 25,
@@ -103,13 +119,17 @@ def sample(
 ) -> torch.Tensor:
     """Denoise from noise to clean latents (B, C, H, W), one image per conditioning row.
 
-    ``uncond`` has batch size 1 (broadcast) or B. ``latents`` may be given as the initial noise (before
-    scaling by the scheduler's ``init_noise_sigma``); otherwise it is drawn from ``generator``.
+    ``cond`` is a `Conditioning` (computed once) or a function of the timestep (a timestep-aware connector,
+    re-run each step). ``uncond`` has batch size 1 (broadcast) or B. ``latents`` may be given as the initial
+    noise (before scaling by the scheduler's ``init_noise_sigma``); otherwise it is drawn from ``generator``.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    b = cond.batch_size
-    check_conditioning(unet, cond)
+    scheduler.set_timesteps(num_inference_steps, device=unet.device)
+    static = isinstance(cond, Conditioning)
+    probe = cond if static else cond(scheduler.timesteps[:1].expand(1))
+    b = probe.batch_size
+    check_conditioning(unet, probe)
     if uncond is not None:
         check_conditioning(unet, uncond, "unconditional conditioning")
         if uncond.batch_size == 1 and b > 1:
@@ -128,9 +148,9 @@ def sample(
         if not torch.isfinite(latents).all():
             raise ValueError("initial latents contain NaN or inf")
         latents = latents.to(device=device, dtype=dtype)
-    cond = cond.to(device, dtype)
+    if static:
+        cond = cond.to(device, dtype)
     uncond = None if uncond is None else uncond.to(device, dtype)
-    scheduler.set_timesteps(num_inference_steps, device=device)
     latents = latents * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generator, eta)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):

@@ -1,0 +1,153 @@
+"""`LLMBridge`: connector + learned null conditioning, attached to a frozen U-Net; saved like a diffusers model.
+
+A bridge folder holds ``config.json`` (the `ConnectorConfig`, including the LLM layer selection and the LLM
+dtype it was trained with) and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.injection import (
+    GROUPS,
+    has_routing,
+    install_routing,
+    install_time_modulation,
+    time_embedding_dim,
+)
+from llm_bridge.connector import Connector, ConnectorConfig, NullConditioning
+from llm_bridge.encoder import PlanStates
+from safeio import atomic_dir
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LLM_DELTA_NAME = "llm_delta.safetensors"  # fine-tuned LLM blocks (strategy B), replacing the planner's
+UNET_DELTA_NAME = "unet_delta.safetensors"  # fine-tuned U-Net cross-attention K/V (strategy C)
+
+
+class BridgeLoadError(ValueError):
+    """A bridge folder that is missing, corrupt, or does not fit the U-Net; names the path."""
+
+
+class LLMBridge(nn.Module):
+    def __init__(self, config: ConnectorConfig, null_tokens: torch.Tensor, null_mask: torch.Tensor | None):
+        super().__init__()
+        self.config = config
+        self.connector = Connector(config)
+        groups = GROUPS if config.hierarchical != "off" else ()
+        self.null = NullConditioning(null_tokens, null_mask, config.d_pooled if config.d_time else None, groups)
+        self.llm_delta: dict[str, torch.Tensor] = {}  # parameter name -> weights (applied to the planner LLM)
+        self.unet_delta: dict[str, torch.Tensor] = {}  # parameter name -> weights (applied to the U-Net)
+
+    # ----------------------------------------------------------------------------------- conditioning
+    def conditioning(
+        self, plan: PlanStates, native: Conditioning | None = None, timestep: torch.Tensor | None = None
+    ) -> Conditioning:
+        """Connector output; in ``concat`` mode the native text tokens come first."""
+        cond = self.connector(plan, timestep)
+        if self.config.mode == "concat":
+            if native is None:
+                raise ValueError("a concat-mode bridge needs the native text encoder's conditioning")
+            cond = native.concat_tokens(cond)
+        return cond
+
+    def null_conditioning(self, batch_size: int, native_null: Conditioning | None = None) -> Conditioning:
+        null = self.null(batch_size)
+        if self.config.mode == "concat":
+            if native_null is None:
+                raise ValueError("a concat-mode bridge needs the native unconditional conditioning")
+            null = native_null.repeat(batch_size) if native_null.batch_size == 1 else native_null
+            return null.concat_tokens(self.null(batch_size))
+        return null
+
+    def drop(self, cond: Conditioning, null: Conditioning, drop: torch.Tensor) -> Conditioning:
+        """CFG dropout: rows where ``drop`` is True get the null conditioning."""
+        rows = [null.index(slice(i, i + 1)) if d else cond.index(slice(i, i + 1)) for i, d in enumerate(drop.tolist())]
+        return Conditioning.cat(rows)
+
+    # ----------------------------------------------------------------------------------- U-Net
+    def check_unet(self, unet) -> None:
+        c = self.config
+        if c.d_ctx != unet.config.cross_attention_dim:
+            raise BridgeLoadError(
+                f"the connector outputs width {c.d_ctx} but the U-Net's cross-attention "
+                f"expects {unet.config.cross_attention_dim}"
+            )
+        if c.d_time and c.d_time != time_embedding_dim(unet):
+            raise BridgeLoadError(
+                f"the connector's time modulation has width {c.d_time} but the U-Net's time "
+                f"embedding has {time_embedding_dim(unet)}"
+            )
+
+    def attach(self, unet) -> None:
+        """Check dimensions, install the time modulation and (hierarchical) the routed attention processors."""
+        self.check_unet(unet)
+        apply_delta(unet, self.unet_delta, "U-Net")
+        if self.connector.time_modulation is not None:
+            install_time_modulation(unet, self.connector.time_modulation)
+        if self.config.hierarchical != "off" and not has_routing(unet):
+            install_routing(unet)
+
+    # ----------------------------------------------------------------------------------- files
+    def save_pretrained(self, path: str | Path) -> Path:
+        with atomic_dir(path) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME))
+            for name, delta in ((LLM_DELTA_NAME, self.llm_delta), (UNET_DELTA_NAME, self.unet_delta)):
+                if delta:
+                    save_file({k: v.detach().contiguous() for k, v in delta.items()}, str(tmp / name))
+        return Path(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> LLMBridge:
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise BridgeLoadError(f"bridge folder {path} has no {CONFIG_NAME}")
+        pickled = [p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        if not (path / WEIGHTS_NAME).is_file():
+            raise BridgeLoadError(
+                f"bridge folder {path} has no {WEIGHTS_NAME}"
+                + (f" (pickled files {pickled} are not loaded)" if pickled else "")
+            )
+        try:
+            config = ConnectorConfig(**json.loads((path / CONFIG_NAME).read_text()))
+            state = load_file(str(path / WEIGHTS_NAME))
+        except Exception as err:
+            raise BridgeLoadError(f"bridge folder {path} is corrupt: {err}") from None
+        bridge = cls(config, state["null.tokens"][0], state.get("null.mask", None))
+        try:
+            for name, attr in ((LLM_DELTA_NAME, "llm_delta"), (UNET_DELTA_NAME, "unet_delta")):
+                if (path / name).is_file():
+                    setattr(bridge, attr, load_file(str(path / name)))
+        except Exception as err:
+            raise BridgeLoadError(f"bridge folder {path} has a corrupt delta file: {err}") from None
+        missing, unexpected = bridge.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BridgeLoadError(
+                f"{path / WEIGHTS_NAME} does not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
+        return bridge
+
+
+@torch.no_grad()
+def apply_delta(module: nn.Module, delta: dict[str, torch.Tensor], what: str) -> None:
+    """Overwrite some parameters of ``module`` (by name) with fine-tuned weights."""
+    if not delta:
+        return
+    params = dict(module.named_parameters())
+    unknown = [k for k in delta if k not in params]
+    if unknown:
+        raise BridgeLoadError(f"the bridge's {what} weights name parameters this {what} lacks: {unknown[:4]}")
+    for k, v in delta.items():
+        if params[k].shape != v.shape:
+            raise BridgeLoadError(
+                f"{what} parameter {k} has shape {tuple(params[k].shape)}, the bridge's {tuple(v.shape)}"
+            )
+        params[k].copy_(v.to(params[k].dtype))

@@ -1,0 +1,182 @@
+"""`Plan2ImgPipeline`: prompt -> plan (planner LLM) -> plan hidden states -> connector -> frozen U-Net -> image.
+
+    pipe = Plan2ImgPipeline.from_pretrained(planner="...", bridge="...", base="...")
+    out = pipe(["two blue squares above a red star"], seeds=[0])
+    out.images[0], out.plans[0].plan.to_text(), out.timings
+
+The conditioning of a prompt is computed once and cached (the LLM forward and the connector run once per
+prompt, not per denoising step; a timestep-aware connector re-runs only the small connector per step). A
+plan can be given directly instead of a prompt (``plans=``), and ``use_planner=False`` conditions on the
+LLM's states of the raw prompt (the no-planner ablation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.models import Backbone, load_backbone
+from diffusion_backbone.pipeline import seeded_generators
+from diffusion_backbone.sampling import decode_latents, sample
+from llm_bridge.bridge import LLMBridge, apply_delta
+from llm_bridge.encoder import PlanEncoder, PlanStates
+from planner.planner import Planner, PlanResult
+from planner.schema import Plan, PlanError
+
+
+@dataclass
+class Plan2ImgOutput:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    plans: list[PlanResult | None]  # the planner's result per image (None when conditioning on raw prompts)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over the call
+
+
+class Plan2ImgPipeline:
+    def __init__(self, planner: Planner, bridge: LLMBridge, backbone: Backbone, *, cache_size: int = 1024):
+        self.planner = planner
+        self.bridge = bridge.eval()
+        self.backbone = backbone
+        self.encoder = PlanEncoder(planner.model, planner.tokenizer, bridge.config.layers)
+        if bridge.config.d_llm != self.encoder.hidden_size:
+            raise ValueError(
+                f"the bridge expects LLM width {bridge.config.d_llm}, the planner LLM has {self.encoder.hidden_size}"
+            )
+        bridge.attach(backbone.unet)
+        apply_delta(planner.model, bridge.llm_delta, "planner LLM")
+        self.cache: OrderedDict[tuple, tuple[PlanStates, Conditioning | None]] = OrderedDict()
+        self.cache_size = cache_size
+        self._native_null: Conditioning | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        planner: str | Path,
+        bridge: str | Path,
+        base: str | Path,
+        *,
+        spec=None,
+        llm_dtype: torch.dtype | None = None,
+        load_in_8bit: bool = False,
+    ) -> Plan2ImgPipeline:
+        p = Planner.from_pretrained(planner, spec=spec, dtype=llm_dtype, load_in_8bit=load_in_8bit)
+        return cls(p, LLMBridge.from_pretrained(bridge), load_backbone(base))
+
+    # ----------------------------------------------------------------------------------- conditioning
+    def native(self, prompts: list[str]) -> Conditioning | None:
+        if self.bridge.config.mode != "concat":
+            return None
+        return self.backbone.text_encoder.encode(prompts)
+
+    def native_null(self) -> Conditioning | None:
+        if self.bridge.config.mode != "concat":
+            return None
+        if self._native_null is None:
+            self._native_null = self.backbone.text_encoder.encode([""])
+        return self._native_null
+
+    @torch.no_grad()
+    def plan_states(self, prompts: list[str], plans: list[str] | None) -> tuple[PlanStates, Conditioning | None]:
+        """LLM states of each (prompt, plan), cached by (prompt, plan); native tokens for concat mode."""
+        keys = [(p, None if plans is None else plans[i]) for i, p in enumerate(prompts)]
+        todo = [i for i, k in enumerate(keys) if k not in self.cache]
+        if todo:
+            states = self.encoder.encode(
+                [prompts[i] for i in todo], None if plans is None else [plans[i] for i in todo]
+            )
+            native = self.native([prompts[i] for i in todo])
+            states = states.to(dtype=torch.float32)
+            for j, i in enumerate(todo):
+                self.cache[keys[i]] = (
+                    states.index(slice(j, j + 1)),
+                    None if native is None else native.index(slice(j, j + 1)),
+                )
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        items = [self.cache[k] for k in keys]
+        states = PlanStates.cat([s for s, _ in items])
+        native = None if items[0][1] is None else Conditioning.cat([n for _, n in items])
+        return states, native
+
+    # ----------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str] | str,
+        seeds: list[int] | None = None,
+        *,
+        plans: list[str] | None = None,
+        use_planner: bool = True,
+        sampler: str = "ddim",
+        steps: int = 25,
+        guidance_scale: float = 5.0,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> Plan2ImgOutput:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        timings = dict.fromkeys(("planning", "llm_forward", "connector", "denoise", "decode"), 0.0)
+        results: list[PlanResult | None] = [None] * len(prompts)
+        plan_texts: list[str] | None = None
+        if plans is not None:
+            if len(plans) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(plans)} plans")
+            plan_texts = []
+            for i, text in enumerate(plans):
+                try:
+                    plan = Plan.parse(text, self.planner.spec)
+                except PlanError as err:
+                    raise err.with_context(f"prompt #{i}") from None
+                plan_texts.append(plan.to_text())
+        elif use_planner:
+            t0 = time.perf_counter()
+            unique = list(dict.fromkeys(prompts))
+            by_prompt = dict(zip(unique, self.planner.plan(unique, batch_size=batch_size)))
+            timings["planning"] += time.perf_counter() - t0
+            results = [by_prompt[p] for p in prompts]
+            bad = [i for i, r in enumerate(results) if r.plan is None]
+            if bad:
+                raise PlanError(f"the planner produced no valid plan: {results[bad[0]].error}").with_context(
+                    f"prompt #{bad[0]}"
+                )
+            plan_texts = [r.plan.to_text() for r in results]
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            sl = slice(start, start + batch_size)
+            t0 = time.perf_counter()
+            states, native = self.plan_states(prompts[sl], None if plan_texts is None else plan_texts[sl])
+            t1 = time.perf_counter()
+            null = self.bridge.null_conditioning(len(states.mask), self.native_null())
+            if self.bridge.connector.timestep_aware:
+
+                def cond(t, states=states, native=native):
+                    return self.bridge.conditioning(states, native, t)
+            else:
+                cond = self.bridge.conditioning(states, native)
+            t2 = time.perf_counter()
+            latents = sample(
+                self.backbone.unet,
+                self.backbone.scheduler(sampler),
+                cond,
+                null,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=seeded_generators(seeds[sl]),
+                progress=progress,
+            )
+            t3 = time.perf_counter()
+            images.append(decode_latents(self.backbone.vae, latents))
+            t4 = time.perf_counter()
+            timings["llm_forward"] += t1 - t0
+            timings["connector"] += t2 - t1
+            timings["denoise"] += t3 - t2
+            timings["decode"] += t4 - t3
+        return Plan2ImgOutput(np.concatenate(images), results, timings)
