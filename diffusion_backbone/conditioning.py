@@ -139,3 +139,19 @@ class Conditioning:
 
 def _shape(t) -> str:
     return str(tuple(t.shape)) + f" {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def prompt_embeds_pair(cond: Conditioning, uncond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt_embeds`` and ``negative_prompt_embeds`` for a stock diffusers pipeline (same shape required).
+
+    When the token counts differ, the shorter is padded with zero tokens. Stock pipelines cannot mask them,
+    so this is exact only when both have the same length and no padding; our sampler masks padding exactly.
+    """
+    m = max(cond.tokens.shape[1], uncond.tokens.shape[1])
+    if uncond.batch_size == 1 and cond.batch_size > 1:
+        uncond = uncond.repeat(cond.batch_size)
+
+    def pad(c: Conditioning) -> torch.Tensor:
+        return torch.nn.functional.pad(c.to_prompt_embeds(), (0, 0, 0, m - c.tokens.shape[1]))
+
+    return pad(cond), pad(uncond)

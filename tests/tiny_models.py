@@ -172,3 +172,32 @@ def save_tiny_llm(folder: Path, arch: str, chat_template: str | None = None) -> 
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
     return folder
+
+
+def save_tiny_toy_base(folder: Path, prompts: list[str]) -> Path:
+    """A toy-world-shaped base (f=4 VAE, open_clip text encoder, 16x16 U-Net), random weights, no training."""
+    from alignment.base.clip import build_word_tokenizer
+    from alignment.base.unet import SCHEDULER_CONFIG
+    from diffusion_backbone.models import Backbone, save_backbone
+    from diffusion_backbone.text_encoders import OpenCLIPTextEncoder
+    from diffusion_backbone.toy import toy_clip_config, toy_unet, toy_vae
+
+    torch.manual_seed(0)
+    cfg = toy_clip_config()
+    tok = build_word_tokenizer(prompts + [""], cfg["text_cfg"]["context_length"])
+    enc = OpenCLIPTextEncoder.create(cfg, tok)
+    vae = toy_vae((16, 16, 16))
+    unet = toy_unet(enc.dim, 16, (32, 32), 8)
+    return save_backbone(Backbone(unet, vae, dict(SCHEDULER_CONFIG), enc), folder)
+
+
+def save_tiny_planner(folder: Path, arch: str = "llama") -> Path:
+    """A tiny random causal LM with the planning tokens added."""
+    from planner.planner import Planner
+
+    save_tiny_llm(folder / "raw", arch)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder / "raw"), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(folder / "raw"), local_files_only=True)
+    return Planner(model, tok).save_pretrained(folder / "planner")

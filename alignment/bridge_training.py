@@ -1,0 +1,414 @@
+"""Staged training of the LLM bridge (strategies A -> B -> C) on `accelerate`.
+
+One straight loop per stage: config -> data -> model -> optimizer -> loop -> checkpoint. Each step: plan
+states (cached while the LLM is frozen) -> connector -> CFG dropout to the learned null -> frozen U-Net on
+noised latents -> diffusion loss (+ lambda x CLIP alignment, + mu x LM loss on plan tokens). Checkpoints
+are atomic and resume exactly (trainable weights, optimizer, LR schedule, EMA, RNG, stage and step). Each
+finished stage is exported as a bridge folder (EMA weights) under ``out/stage-<names>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from alignment.bridge_data import BridgeData, hidden_state_cache, load_bridge_data
+from alignment.loop import EMA, EpochSampler, JsonlLogger, check_finite, warmup_cosine
+from alignment.losses import ClipAlignmentHead, clip_alignment_loss, diffusion_loss, diffusion_target
+from alignment.stages import BridgeTrainConfig, StageConfig
+from diffusion_backbone.models import load_backbone
+from diffusion_backbone.sampling import unet_forward
+from llm_bridge.bridge import LLMBridge
+from llm_bridge.connector import ConnectorConfig
+from llm_bridge.encoder import PlanEncoder, PlanStates
+from safeio import atomic_dir, atomic_write_json
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def llm_blocks(model) -> tuple[str, list[nn.Module]]:
+    """(name prefix, transformer blocks) of a HF causal LM (Llama/Qwen/Mistral, GPT-2)."""
+    for prefix in ("model.layers", "transformer.h", "model.decoder.layers"):
+        obj = model
+        try:
+            for part in prefix.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return prefix, list(obj)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+class BridgeTrainModule(nn.Module):
+    """Everything a training step touches; ``forward(batch)`` returns the losses."""
+
+    def __init__(self, bridge: LLMBridge, head: ClipAlignmentHead, encoder: PlanEncoder, unet, scheduler):
+        super().__init__()
+        self.bridge, self.head, self.llm, self.unet = bridge, head, encoder.model, unet
+        self.encoder = encoder
+        self.noise_scheduler = scheduler
+
+    def forward(self, prompts, plans, states: PlanStates | None, z0, clip_image, native, native_null, drop, t,
+                noise, stage: StageConfig) -> dict[str, torch.Tensor]:  # fmt: skip
+        lm = None
+        if states is None:
+            grad = any(p.requires_grad for p in self.llm.parameters())
+            states, lm = self.encoder.encode_with_lm_loss(
+                prompts, plans, grad=grad, lm_loss=stage.lm_loss_weight > 0 and plans is not None
+            )
+            states = states.to(dtype=torch.float32)
+        cond = self.bridge.conditioning(states, native, t if self.bridge.connector.timestep_aware else None)
+        null = self.bridge.null_conditioning(len(drop), native_null)
+        if drop.any():
+            cond = self.bridge.drop(cond, null, drop)
+        zt = self.noise_scheduler.add_noise(z0, noise, t)
+        pred = unet_forward(self.unet, zt, t, cond)
+        losses = {
+            "diffusion": diffusion_loss(
+                pred, diffusion_target(self.noise_scheduler, z0, noise, t), t, self.noise_scheduler, stage.snr_gamma
+            )
+        }
+        if stage.clip_align_weight > 0:
+            selected = self.bridge.connector.select(states.states)
+            pred_img = self.head(selected, states.mask)
+            losses["clip_align"] = clip_alignment_loss(
+                pred_img, clip_image, stage.clip_align_loss, self.head.logit_scale
+            )
+        if lm is not None:
+            losses["lm"] = lm
+        total = losses["diffusion"]
+        if "clip_align" in losses:
+            total = total + stage.clip_align_weight * losses["clip_align"]
+        if "lm" in losses:
+            total = total + stage.lm_loss_weight * losses["lm"]
+        losses["total"] = total
+        return losses
+
+
+class BridgeTrainer:
+    """Builds everything from a `BridgeTrainConfig` and runs its curriculum."""
+
+    def __init__(self, cfg: BridgeTrainConfig, progress: bool = True):
+        from accelerate import Accelerator
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.progress = cfg, progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        cuda = torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not cuda)
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out)
+        self.backbone = load_backbone(cfg.base)
+        tok = AutoTokenizer.from_pretrained(cfg.planner, local_files_only=True)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.planner, local_files_only=True, dtype=DTYPES[cfg.llm_dtype])
+        llm.requires_grad_(False).eval()
+        self.encoder = PlanEncoder(llm, tok, cfg.layers)
+        self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, progress)
+        unet = self.backbone.unet
+        from diffusion_backbone.injection import time_embedding_dim
+
+        ccfg = ConnectorConfig.from_preset(
+            cfg.connector,
+            d_llm=self.encoder.hidden_size,
+            d_ctx=unet.config.cross_attention_dim,
+            d_time=time_embedding_dim(unet) if cfg.pooled else None,
+            layers=cfg.layers,
+            num_llm_layers=self.encoder.num_layers if cfg.layers == "learned" else None,
+            hierarchical=cfg.hierarchical,
+            mode=cfg.mode,
+            llm_dtype=cfg.llm_dtype,
+        )
+        null = self.data.native_null
+        self.bridge = LLMBridge(ccfg, null.tokens[0], null.mask[0])
+        self.bridge.attach(unet)
+        self.head = ClipAlignmentHead(self.encoder.hidden_size, self.data.clip_image.shape[1])
+        self.module = BridgeTrainModule(self.bridge, self.head, self.encoder, unet, self.backbone.training_scheduler())
+        self._inject_adapters()
+        self.checkpoint_names = self._all_stage_param_names()
+        self.states: PlanStates | None = None
+        self.logger = JsonlLogger(self.out / "log.jsonl")
+
+    # ---------------------------------------------------------------------------------------- structure
+    def _inject_adapters(self) -> None:
+        """Add every LoRA adapter any stage uses, up front (zero-initialised B: the identity until trained)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        stages = self.cfg.stage_list()
+        llm_lora = [s for s in stages if "llm_top" in s.train and s.llm_lora_rank > 0]
+        if llm_lora:
+            k = max(s.llm_top_layers for s in llm_lora)
+            prefix, blocks = llm_blocks(self.encoder.model)
+            ids = "|".join(str(i) for i in range(len(blocks) - k, len(blocks)))
+            linears = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|c_attn|c_proj|c_fc"
+            pattern = rf"{re.escape(prefix)}\.({ids})\..*({linears})"
+            inject_adapter_in_model(
+                LoraConfig(r=llm_lora[0].llm_lora_rank, lora_alpha=llm_lora[0].llm_lora_rank, target_modules=pattern),
+                self.encoder.model,
+            )
+        unet_lora = [s for s in stages if "unet_cross_attn" in s.train and s.unet_cross_attn == "lora"]
+        if unet_lora:
+            inject_adapter_in_model(
+                LoraConfig(
+                    r=unet_lora[0].unet_lora_rank,
+                    lora_alpha=unet_lora[0].unet_lora_rank,
+                    target_modules=r".*attn2\.(to_k|to_v)",
+                ),
+                self.backbone.unet,
+            )
+
+    def configure_stage(self, stage: StageConfig) -> list[dict]:
+        """Freeze everything, then unfreeze exactly the stage's parameter groups; returns optimizer groups."""
+        for m in (self.encoder.model, self.backbone.unet, self.bridge, self.head, self.backbone.vae):
+            m.requires_grad_(False)
+        groups = []
+        if "connector" in stage.train:
+            params = [p for p in list(self.bridge.parameters()) + list(self.head.parameters())]
+            for p in params:
+                p.requires_grad_(True)
+            groups.append({"params": params, "lr": stage.lr, "weight_decay": stage.weight_decay, "name": "connector"})
+        if "llm_top" in stage.train:
+            _, blocks = llm_blocks(self.encoder.model)
+            for depth, block in enumerate(reversed(blocks[-stage.llm_top_layers :])):
+                params = [p for n, p in block.named_parameters() if ("lora_" in n) == (stage.llm_lora_rank > 0)]
+                for p in params:
+                    p.requires_grad_(True)
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": stage.llm_lr * stage.layer_decay**depth,
+                        "weight_decay": 0.0,
+                        "name": f"llm_block_-{depth + 1}",
+                    }
+                )
+        if "unet_cross_attn" in stage.train:
+            params = []
+            for n, p in self.backbone.unet.named_parameters():
+                is_kv = ".attn2.to_k" in n or ".attn2.to_v" in n
+                if is_kv and ("lora_" in n) == (stage.unet_cross_attn == "lora"):
+                    params.append(p)
+            for p in params:
+                p.requires_grad_(True)
+            groups.append({"params": params, "lr": stage.unet_lr, "weight_decay": 0.0, "name": "unet_cross_attn"})
+        for g in groups:
+            if not g["params"]:
+                raise ValueError(f"stage {stage.name}: parameter group {g['name']} has no parameters")
+        return groups
+
+    def trainable_names(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def _all_stage_param_names(self) -> set[str]:
+        """Every parameter some stage trains (what a checkpoint must hold to resume any stage)."""
+        names: set[str] = set()
+        for stage in self.cfg.stage_list():
+            self.configure_stage(stage)
+            names |= set(self.trainable_names())
+        return names
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, stage_index: int, step: int, opt, sched, ema: EMA, gen: torch.Generator) -> None:
+        with atomic_dir(self.out / "checkpoint") as tmp:
+            params = {
+                n: p.detach().contiguous() for n, p in self.module.named_parameters() if n in self.checkpoint_names
+            }
+            save_file(params, str(tmp / "trainable.safetensors"))
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            torch.save(sched.state_dict(), tmp / "lr_scheduler.pt")
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+            save_file({"torch": torch.get_rng_state(), "gen": gen.get_state()}, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"stage_index": stage_index, "step": step}))
+
+    def load_state(self) -> tuple[int, int]:
+        folder = self.out / "checkpoint"
+        if not (folder / "state.json").is_file():
+            return 0, 0
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            params = dict(self.module.named_parameters())
+            with torch.no_grad():
+                for k, v in load_file(str(folder / "trainable.safetensors")).items():
+                    params[k].copy_(v)
+        except (OSError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+            raise ValueError(f"checkpoint {folder} is corrupt or does not match this config: {err}") from None
+        return int(state["stage_index"]), int(state["step"])
+
+    # ---------------------------------------------------------------------------------------- export
+    @torch.no_grad()
+    def export(self, folder: Path) -> Path:
+        """Save the bridge (with the LLM / U-Net weights that stages fine-tuned, LoRA merged)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        trained = set()
+        for stage in self.cfg.stage_list():
+            trained |= set(stage.train)
+        deltas = {}
+        for key, model in (("llm_top", self.encoder.model), ("unet_cross_attn", self.backbone.unet)):
+            if key not in trained:
+                continue
+            tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            for m in tuners:
+                m.merge()
+            delta = {}
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    continue
+                plain = n.replace(".base_layer", "")
+                if key == "unet_cross_attn" and (".attn2.to_k" in plain or ".attn2.to_v" in plain):
+                    delta[plain] = p.detach().clone()
+                if key == "llm_top" and self._in_top_blocks(plain):
+                    delta[plain] = p.detach().clone()
+            for m in tuners:
+                m.unmerge()
+            deltas[key] = delta
+        self.bridge.llm_delta = deltas.get("llm_top", {})
+        self.bridge.unet_delta = {
+            k: v for k, v in deltas.get("unet_cross_attn", {}).items() if not k.startswith("class_embedding")
+        }
+        return self.bridge.save_pretrained(folder)
+
+    def _in_top_blocks(self, name: str) -> bool:
+        prefix, blocks = llm_blocks(self.encoder.model)
+        k = max([s.llm_top_layers for s in self.cfg.stage_list() if "llm_top" in s.train] or [0])
+        return any(name.startswith(f"{prefix}.{i}.") for i in range(len(blocks) - k, len(blocks)))
+
+    # ---------------------------------------------------------------------------------------- training
+    def hidden_states(self, stage: StageConfig) -> PlanStates | None:
+        """The cached plan states, when this stage leaves the LLM frozen and caching is on."""
+        if "llm_top" in stage.train or not self.cfg.cache_hidden or self.cfg.layers == "learned":
+            return None
+        if self.states is None:
+            self.states = hidden_state_cache(
+                self.encoder,
+                self.data,
+                self.cfg.planner,
+                self.cfg.use_planner,
+                Path(self.cfg.data) / "cache",
+                progress=self.progress,
+            )
+        return self.states
+
+    def run(self) -> list[Path]:
+        cfg = self.cfg
+        atomic_write_json(self.out / "config.json", json.loads(json.dumps(cfg, default=lambda o: o.__dict__)))
+        start_stage, start_step = self.load_state()
+        if start_stage or start_step:
+            self.logger.truncate_after(sum(s.steps for s in cfg.stage_list()[:start_stage]) + start_step)
+        exports = []
+        done_names = []
+        stop_at = cfg.stop_at
+        for si, stage in enumerate(cfg.stage_list()):
+            done_names.append(stage.name)
+            folder = self.out / f"stage-{''.join(done_names)}"
+            if si < start_stage:
+                exports.append(folder)
+                continue
+            offset = sum(s.steps for s in cfg.stage_list()[:si])
+            finished = self._run_stage(si, stage, start_step if si == start_stage else 0, offset, stop_at)
+            if not finished:
+                return exports
+            self.export(folder)
+            exports.append(folder)
+            self.save_checkpoint(si + 1, 0, *self._fresh_state(cfg.stage_list()[min(si + 1, len(cfg.curriculum) - 1)]))
+        return exports
+
+    def _fresh_state(self, stage: StageConfig):
+        groups = self.configure_stage(stage)
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, stage.steps, stage.warmup, stage.min_lr_ratio)
+        )
+        ema = EMA(self.trainable_names(), stage.ema_decay)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + len(stage.name))
+        return opt, sched, ema, gen
+
+    def _run_stage(self, si: int, stage: StageConfig, start: int, offset: int, stop_at: int | None) -> bool:
+        acc = self.accelerator
+        acc.gradient_accumulation_steps = stage.grad_accum
+        opt, sched, ema, gen = self._fresh_state(stage)
+        folder = self.out / "checkpoint"
+        if start > 0:
+            try:
+                opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+                sched.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
+                ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+                rng = load_file(str(folder / "rng.safetensors"))
+                torch.set_rng_state(rng["torch"])
+                gen.set_state(rng["gen"])
+            except (OSError, KeyError, RuntimeError, ValueError) as err:
+                raise ValueError(f"checkpoint {folder} does not match stage {stage.name}: {err}") from None
+        module, opt, sched = acc.prepare(self.module, opt, sched)
+        states = self.hidden_states(stage)
+        data = self.data
+        sampler = EpochSampler(len(data), stage.batch_size, self.cfg.seed + 31 * si)
+        n_train_t = self.module.noise_scheduler.config.num_train_timesteps
+        self.module.train()
+        self.backbone.unet.eval()  # no dropout in the frozen parts
+        self.encoder.model.eval()
+        end = stage.steps if stop_at is None else min(stage.steps, max(0, stop_at - offset))
+        bar = tqdm(total=stage.steps, initial=start, desc=f"stage {stage.name}", disable=not self.progress)
+        t_last = time.perf_counter()
+        for step in range(start, end):
+            idx = sampler.batch(step)
+            idx = idx[acc.process_index :: acc.num_processes]
+            b = len(idx)
+            drop = torch.rand(b, generator=gen) < stage.cfg_dropout
+            t = torch.randint(0, n_train_t, (b,), generator=gen)
+            noise = torch.randn(data.latents[idx].shape, generator=gen)
+            batch_states = None if states is None else states.index(idx).to(dtype=torch.float32)
+            plans = [data.plans[i] for i in idx] if self.cfg.use_planner else None
+            native = data.native(idx) if self.cfg.mode == "concat" else None
+            with acc.accumulate(module), acc.autocast():
+                losses = module(
+                    [data.prompts[i] for i in idx],
+                    plans,
+                    batch_states,
+                    data.latents[idx],
+                    data.clip_image[idx],
+                    native,
+                    data.native_null,
+                    drop,
+                    t,
+                    noise,
+                    stage,
+                )
+                check_finite(
+                    losses["total"], offset + step, f"loss (stage {stage.name}, batch rows {idx[:6].tolist()}...)"
+                )
+                acc.backward(losses["total"])
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], stage.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            ema.update()
+            bar.update(1)
+            if (step + 1) % self.cfg.log_every == 0:
+                now = time.perf_counter()
+                self.logger.log(
+                    step=offset + step + 1,
+                    stage=stage.name,
+                    lr=sched.get_last_lr()[0],
+                    sec_per_step=(now - t_last) / self.cfg.log_every,
+                    **{k: float(v.detach()) for k, v in losses.items()},
+                )
+                t_last = now
+            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == end:
+                self.save_checkpoint(si, step + 1, opt, sched, ema, gen)
+        bar.close()
+        if end < stage.steps:
+            return False
+        ema.copy_to()  # export the EMA weights
+        return True
+
+
+def train_bridge(cfg: BridgeTrainConfig, progress: bool = True) -> list[Path]:
+    """Run the curriculum of ``cfg`` (resuming from ``cfg.out/checkpoint``); returns the exported stage folders."""
+    return BridgeTrainer(cfg, progress).run()

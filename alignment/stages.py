@@ -1,0 +1,146 @@
+"""Stage configs (strategies A/B/C), the curriculum, and what each stage makes trainable.
+
+A stage names the parameter groups it trains (``train: [connector, llm_top, unet_cross_attn]``):
+
+- ``connector``: the connector, the learned null conditioning, the time modulation, the CLIP alignment head
+  (strategy A trains only this);
+- ``llm_top``: the top ``llm_top_layers`` transformer blocks of the LLM (full, or LoRA when
+  ``llm_lora_rank > 0``), with layer-wise learning-rate decay, optionally with an LM loss on the plan tokens
+  to keep the planner planning (strategy B);
+- ``unet_cross_attn``: the U-Net's cross-attention keys and values (``attn2.to_k``/``to_v``), full or LoRA
+  (strategy C).
+
+Everything else is frozen. Configs are YAML; unknown keys, undefined stages and unknown parameter groups are
+errors that name the offender.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PARAMETER_GROUPS = ("connector", "llm_top", "unet_cross_attn")
+
+
+@dataclass
+class StageConfig:
+    name: str = "A"
+    train: list[str] = field(default_factory=lambda: ["connector"])  # parameter groups (see module docstring)
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-4  # connector (AdamW), the seed document's strategy-A range 1e-4 .. 5e-5
+    weight_decay: float = 0.01
+    warmup: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    cfg_dropout: float = 0.1  # share of rows conditioned on the learned null (trains CFG's negative branch)
+    ema_decay: float = 0.999  # EMA of every trainable weight; the exported weights are the EMA
+    snr_gamma: float = 0.0  # min-SNR weighting of the diffusion loss (0: plain epsilon MSE)
+    clip_align_weight: float = 0.0  # lambda of the CLIP alignment loss (0: off)
+    clip_align_loss: str = "cosine"  # l2 | cosine | infonce
+    # strategy B
+    llm_top_layers: int = 0  # how many top LLM blocks `llm_top` unfreezes (1-4)
+    llm_lora_rank: int = 0  # > 0: LoRA (peft) on those blocks instead of full fine-tuning
+    llm_lr: float = 1e-5
+    layer_decay: float = 0.8  # lr of each block below the top = lr x decay^depth
+    lm_loss_weight: float = 0.0  # LM loss on plan tokens (keeps the planner able to plan)
+    # strategy C
+    unet_cross_attn: str = "lora"  # full | lora, for `unet_cross_attn`
+    unet_lora_rank: int = 4
+    unet_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        unknown = [g for g in self.train if g not in PARAMETER_GROUPS]
+        if unknown:
+            raise ValueError(
+                f"stage {self.name}: unknown parameter group(s) {unknown}; known: {list(PARAMETER_GROUPS)}"
+            )
+        if "llm_top" in self.train and self.llm_top_layers < 1:
+            raise ValueError(f"stage {self.name}: llm_top needs llm_top_layers >= 1")
+        if self.unet_cross_attn not in ("full", "lora"):
+            raise ValueError(f"stage {self.name}: unet_cross_attn must be full or lora")
+        if self.clip_align_loss not in ("l2", "cosine", "infonce"):
+            raise ValueError(f"stage {self.name}: clip_align_loss must be l2, cosine or infonce")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"stage {self.name}: cfg_dropout must be in [0, 1)")
+
+
+@dataclass
+class BridgeTrainConfig:
+    data: str = "data/toy50k"  # `plan2img data build` folder (its train split)
+    base: str = "toyworld/pretrained/base"  # frozen base (VAE, U-Net, text encoder)
+    planner: str = "toyworld/pretrained/planner"  # the planner LLM (hidden states come from it)
+    out: str = "runs/bridge"
+    connector: str = "resampler-64q"  # preset name (llm_bridge.connector.CONNECTOR_PRESETS)
+    layers: str | list[int] = "mean"  # last | mean | learned | [indices]
+    hierarchical: str = "off"  # off | fixed | learned
+    mode: str = "replace"  # replace | concat
+    pooled: bool = True  # the pooled "how" stream into the time embedding
+    use_planner: bool = True  # False: condition on the LLM's states of the raw prompt (no-planner ablation)
+    cache_hidden: bool = True  # cache LLM states while the LLM is frozen
+    mixed_precision: str = "bf16"  # no | bf16 | fp16 (accelerate)
+    llm_dtype: str = "float32"  # precision the LLM runs in (recorded in the connector config)
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+    max_examples: int | None = None  # use only the first N training rows
+    stop_at: int | None = None  # stop (with a checkpoint) after this many total steps; resume later
+    threads: int | None = None
+    stages: dict[str, StageConfig] = field(default_factory=lambda: {"A": StageConfig("A")})
+    curriculum: list[str] = field(default_factory=lambda: ["A"])
+
+    def __post_init__(self) -> None:
+        missing = [s for s in self.curriculum if s not in self.stages]
+        if missing:
+            raise ValueError(f"curriculum names undefined stage(s) {missing}; defined: {list(self.stages)}")
+        if not self.curriculum:
+            raise ValueError("the curriculum is empty")
+
+    def stage_list(self) -> list[StageConfig]:
+        return [self.stages[s] for s in self.curriculum]
+
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stage_list())
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    return cls(**data)
+
+
+def config_from_dict(data: dict, where: str = "config") -> BridgeTrainConfig:
+    """Build a `BridgeTrainConfig` from plain data (e.g. parsed YAML), naming any bad key or stage."""
+    data = dict(data)
+    stages = data.pop("stages", None) or {"A": {}}
+    if not isinstance(stages, dict):
+        raise ValueError(f"{where}: 'stages' must map stage names to settings")
+    built = {}
+    for name, body in stages.items():
+        body = dict(body or {})
+        body.setdefault("name", name)
+        built[name] = _build(StageConfig, body, f"{where}: stage {name}")
+    data["stages"] = built
+    data.setdefault("curriculum", list(built))
+    return _build(BridgeTrainConfig, data, where)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> BridgeTrainConfig:
+    """Read a YAML training config (and apply top-level ``overrides``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    data.update(overrides or {})
+    return config_from_dict(data, str(path))

@@ -1,0 +1,267 @@
+"""The LLM bridge: injection invariances, CFG null, staged freezing, exact resume, stock-diffusers drive,
+training in every stage with tiny Llama/Qwen2, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_unet
+
+from alignment.bridge_training import BridgeTrainer
+from alignment.stages import config_from_dict
+from diffusion_backbone.conditioning import Conditioning, prompt_embeds_pair
+from diffusion_backbone.injection import TimeModulation, install_time_modulation, time_embedding_dim
+from diffusion_backbone.sampling import sample, unet_forward
+from llm_bridge.bridge import BridgeLoadError, LLMBridge
+from llm_bridge.connector import CONNECTOR_PRESETS, ConnectorConfig
+from llm_bridge.encoder import PlanEncoder
+from llm_bridge.pipeline import Plan2ImgPipeline
+from planner.schema import PlanError
+from toyworld import vocab as V
+from toyworld.data import build_dataset, load_dataset_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    build_dataset(root / "data", n=48, seed=2, workers=1, heldout_fraction=0.1, progress=False)
+    prompts = list(load_dataset_dir(root / "data")["prompt"])
+    base = save_tiny_toy_base(root / "base", prompts)
+    planners = {arch: save_tiny_planner(root / arch, arch) for arch in ("llama", "qwen2")}
+    return {"root": root, "data": root / "data", "base": base, "planners": planners}
+
+
+def _cfg(world, tmp_path, arch="llama", **kw):
+    stages = kw.pop("stages", {"A": {"train": ["connector"], "steps": 2, "batch_size": 4, "clip_align_weight": 0.1}})
+    data = {
+        "data": str(world["data"]),
+        "base": str(world["base"]),
+        "planner": str(world["planners"][arch]),
+        "out": str(tmp_path / "run"),
+        "connector": "resampler-32q",
+        "log_every": 1,
+        "checkpoint_every": 100,
+        "mixed_precision": "no",
+        "stages": stages,
+    }
+    data.update(kw)
+    return config_from_dict(data)
+
+
+ABC = {
+    "A": {"train": ["connector"], "steps": 2, "batch_size": 4, "clip_align_weight": 0.1},
+    "B": {
+        "train": ["connector", "llm_top"],
+        "steps": 2,
+        "batch_size": 4,
+        "llm_top_layers": 1,
+        "llm_lora_rank": 2,
+        "lm_loss_weight": 0.1,
+    },
+    "C": {
+        "train": ["connector", "llm_top", "unet_cross_attn"],
+        "steps": 2,
+        "batch_size": 4,
+        "llm_top_layers": 1,
+        "llm_lora_rank": 2,
+        "unet_cross_attn": "lora",
+        "unet_lora_rank": 2,
+        "unet_lr": 1e-3,
+    },
+}
+
+
+def test_zero_initialised_pooled_stream_leaves_the_unet_unchanged():
+    unet = tiny_unet()
+    z, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    before = unet(z, 10, encoder_hidden_states=ctx).sample
+    install_time_modulation(unet, TimeModulation(16, time_embedding_dim(unet)))
+    after = unet_forward(unet, z, 10, Conditioning(ctx, pooled=torch.randn(2, 16)))
+    assert torch.equal(before, after)
+
+
+def test_cfg_dropout_feeds_the_null_conditioning():
+    cfg = ConnectorConfig.from_preset("mlp", d_llm=8, d_ctx=6, d_time=12)
+    bridge = LLMBridge(cfg, torch.randn(3, 6), None)
+    cond = Conditioning(torch.randn(4, 5, 6), torch.ones(4, 5, dtype=torch.bool), torch.randn(4, cfg.d_pooled))
+    null = bridge.null_conditioning(4)
+    mixed = bridge.drop(cond, null, torch.tensor([True, False, True, False]))
+    for i, dropped in enumerate([True, False, True, False]):
+        src = null if dropped else cond
+        m = mixed.mask[i]
+        assert torch.equal(mixed.tokens[i][m], src.tokens[i][src.mask[i]])
+        assert torch.equal(mixed.pooled[i], src.pooled[i])
+
+
+def test_every_preset_builds_and_runs(world):
+    from llm_bridge.encoder import PlanStates
+
+    states = PlanStates(
+        torch.randn(2, 7, 16), torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool(), torch.randint(0, 8, (2, 7))
+    )
+    for name in CONNECTOR_PRESETS:
+        for hier in ("off", "fixed", "learned"):
+            cfg = ConnectorConfig.from_preset(name, d_llm=16, d_ctx=12, d_time=20, hierarchical=hier, width=32)
+            bridge = LLMBridge(cfg, torch.zeros(3, 12), None)
+            cond = bridge.conditioning(states, timestep=torch.tensor([5, 900]))
+            assert cond.tokens.shape[0] == 2 and cond.dim == 12 and cond.pooled.shape == (2, cfg.d_pooled)
+            assert (cond.per_depth is not None) == (hier != "off")
+
+
+def test_stages_freeze_exactly_what_they_say(world, tmp_path):
+    trainer = BridgeTrainer(_cfg(world, tmp_path, stages=ABC), progress=False)
+    named = dict(trainer.module.named_parameters())
+    for stage in trainer.cfg.stage_list():
+        trainer.configure_stage(stage)
+        for n, p in named.items():
+            if n.startswith(("bridge.", "head.")):
+                expected = True
+            elif n.startswith("llm."):
+                top = n.startswith("llm.model.layers.1.") and "lora_" in n
+                expected = "llm_top" in stage.train and top
+            elif n.startswith("unet."):
+                expected = "unet_cross_attn" in stage.train and "attn2.to_" in n and "lora_" in n
+            else:
+                expected = False
+            assert p.requires_grad == expected, (stage.name, n)
+    # one step of stage C: frozen weights stay bit-identical, trained ones move
+    before = {n: p.detach().clone() for n, p in named.items()}
+    stage = trainer.cfg.stage_list()[2]
+    trainer._run_stage(2, stage, 0, 0, stop_at=1)
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    for n, p in named.items():
+        if n not in trainable:
+            assert torch.equal(p, before[n]), n
+    moved = [n for n in trainable if not torch.equal(named[n], before[n])]
+    assert any(n.startswith("unet.") for n in moved) and any(n.startswith("llm.") for n in moved)
+
+
+def _losses(path):
+    return [json.loads(line)["total"] for line in path.read_text().splitlines()]
+
+
+def test_resume_gives_the_same_loss_sequence(world, tmp_path):
+    stages = {"A": {"train": ["connector"], "steps": 6, "batch_size": 4, "clip_align_weight": 0.1}}
+    BridgeTrainer(_cfg(world, tmp_path / "a", stages=stages), progress=False).run()
+    BridgeTrainer(_cfg(world, tmp_path / "b", stages=stages, stop_at=3, checkpoint_every=100), progress=False).run()
+    BridgeTrainer(_cfg(world, tmp_path / "b", stages=stages), progress=False).run()
+    a, b = _losses(tmp_path / "a" / "run" / "log.jsonl"), _losses(tmp_path / "b" / "run" / "log.jsonl")
+    assert len(a) == 6 and a == b
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_planner_trains_in_every_stage_and_generates(world, tmp_path, arch):
+    trainer = BridgeTrainer(_cfg(world, tmp_path, arch, stages=ABC, hierarchical="fixed"), progress=False)
+    exports = trainer.run()
+    assert [f.name for f in exports] == ["stage-A", "stage-AB", "stage-ABC"]
+    final = LLMBridge.from_pretrained(exports[-1])
+    assert final.llm_delta and final.unet_delta
+    pipe = Plan2ImgPipeline.from_pretrained(world["planners"][arch], exports[-1], world["base"], spec=V.TOY_PLAN_SPEC)
+    out = pipe(["a red circle", "two stars"], seeds=[0, 1], steps=2)
+    assert out.images.shape == (2, 64, 64, 3) and all(r.plan is not None for r in out.plans)
+    assert set(out.timings) == {"planning", "llm_forward", "connector", "denoise", "decode"}
+    again = pipe(["a red circle", "two stars"], seeds=[0, 1], steps=2)
+    assert np.array_equal(out.images, again.images)
+    with pytest.raises(PlanError, match="prompt #0"):
+        pipe(["x"], plans=["<IMG_BEGIN> <STYLE> nonsense <IMG_END>"], steps=2)
+
+
+def test_conditioning_drives_stock_stable_diffusion_pipeline(world):
+    from tiny_models import tiny_vae
+
+    unet, vae = tiny_unet(), tiny_vae()
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llm = AutoModelForCausalLM.from_pretrained(str(world["planners"]["llama"]), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(world["planners"]["llama"]), local_files_only=True)
+    enc = PlanEncoder(llm, tok, "mean")
+    cfg = ConnectorConfig.from_preset("resampler-32q", d_llm=enc.hidden_size, d_ctx=32, width=32)
+    bridge = LLMBridge(cfg, torch.randn(32, 32), None)  # 32 null tokens: the same length as the connector's
+    torch.nn.init.normal_(bridge.connector.proj.weight, std=0.5)  # visibly non-trivial conditioning
+    plan = "<IMG_BEGIN> <STYLE> plain background <OBJECT> 1 medium red circle at center <IMG_END>"
+    with torch.no_grad():
+        cond = bridge.conditioning(enc.encode(["a red circle"], [plan]))
+        null = bridge.null_conditioning(1)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompt_embeds, negative_prompt_embeds = prompt_embeds_pair(cond, null)
+    stock = pipe(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    ours = sample(
+        unet,
+        sched,
+        cond,
+        null,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-4)
+
+
+def test_connector_that_does_not_fit_the_unet_is_refused():
+    unet = tiny_unet(cross_attention_dim=32)
+    bridge = LLMBridge(ConnectorConfig.from_preset("linear", d_llm=8, d_ctx=48), torch.zeros(2, 48), None)
+    with pytest.raises(BridgeLoadError, match="width 48"):
+        bridge.attach(unet)
+    bridge = LLMBridge(ConnectorConfig.from_preset("linear", d_llm=8, d_ctx=32, d_time=99), torch.zeros(2, 32), None)
+    with pytest.raises(BridgeLoadError, match="time embedding"):
+        bridge.attach(unet)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"curriculum": ["A", "D"]}, "undefined stage"),
+        ({"stages": {"A": {"train": ["connector", "vae"]}}}, "unknown parameter group"),
+        ({"stages": {"A": {"trian": ["connector"]}}}, "unknown key"),
+        ({"conector": "mlp"}, "unknown key"),
+    ],
+)
+def test_bad_configs_name_the_problem(change, words):
+    base = {"stages": {"A": {"train": ["connector"]}}, "curriculum": ["A"]}
+    base.update(change)
+    with pytest.raises(ValueError, match=words):
+        config_from_dict(base)
+
+
+def test_nan_loss_stops_naming_step_and_batch_and_keeps_last_checkpoint(world, tmp_path):
+    stages = {"A": {"train": ["connector"], "steps": 6, "batch_size": 4}}
+    cfg = _cfg(world, tmp_path, stages=stages, checkpoint_every=1, stop_at=2)
+    BridgeTrainer(cfg, progress=False).run()
+    cfg = _cfg(world, tmp_path, stages=stages, checkpoint_every=1)
+    trainer = BridgeTrainer(cfg, progress=False)
+    trainer.data.latents[:] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"at step 2.*|step 2") as info:
+        trainer.run()
+    assert "batch rows" in str(info.value)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state == {"stage_index": 0, "step": 2}
