@@ -95,8 +95,11 @@ class Backbone:
         return self.unet.device
 
     def to(self, device=None, dtype=None) -> Backbone:
-        self.unet.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
+        for module in (self.unet, self.vae):
+            if (device is not None and torch.device(device) != module.device) or (
+                dtype is not None and dtype != module.dtype
+            ):
+                module.to(device=device, dtype=dtype)
         if self.text_encoder is not None:
             self.text_encoder.to(device=device, dtype=dtype)
         return self

@@ -109,3 +109,13 @@ class TextToImagePipeline:
             for k, v in out.timings.items():
                 timings[k] += v
         return GenerationOutput(np.concatenate(images), timings)
+
+    def as_generator(self, *, sampler: str = "ddim", steps: int = 25, guidance_scale: float = 5.0):
+        """An image generator for ShapesEval: (prompts, metadata entries, seeds) -> (B, H, W, 3) uint8."""
+
+        def generate(prompts: list[str], entries: list[dict], seeds: list[int]) -> np.ndarray:
+            return self(
+                prompts, seeds, sampler=sampler, steps=steps, guidance_scale=guidance_scale, batch_size=len(prompts)
+            ).images
+
+        return generate

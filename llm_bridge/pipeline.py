@@ -132,7 +132,7 @@ class Plan2ImgPipeline:
             plan_texts = []
             for i, text in enumerate(plans):
                 try:
-                    plan = Plan.parse(text, self.planner.spec)
+                    plan = Plan.parse(text, self.planner.plan_spec)
                 except PlanError as err:
                     raise err.with_context(f"prompt #{i}") from None
                 plan_texts.append(plan.to_text())
@@ -180,3 +180,30 @@ class Plan2ImgPipeline:
             timings["denoise"] += t3 - t2
             timings["decode"] += t4 - t3
         return Plan2ImgOutput(np.concatenate(images), results, timings)
+
+    def as_generator(
+        self, *, plan_source: str = "planner", sampler: str = "ddim", steps: int = 25, guidance_scale: float = 5.0
+    ):
+        """An image generator for ShapesEval: (prompts, metadata entries, seeds) -> (B, H, W, 3) uint8.
+
+        ``plan_source``: ``planner`` (the LLM plans), ``oracle`` (the entry's canonical plan), ``none`` (the
+        LLM's states of the raw prompt, no plan).
+        """
+        if plan_source not in ("planner", "oracle", "none"):
+            raise ValueError(f"plan_source must be planner, oracle or none, got {plan_source!r}")
+
+        def generate(prompts: list[str], entries: list[dict], seeds: list[int]) -> np.ndarray:
+            plans = [e["plan"] for e in entries] if plan_source == "oracle" else None
+            out = self(
+                prompts,
+                seeds,
+                plans=plans,
+                use_planner=plan_source == "planner",
+                sampler=sampler,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                batch_size=len(prompts),
+            )
+            return out.images
+
+        return generate

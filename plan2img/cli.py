@@ -5,42 +5,48 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
-def _cmd_data_build(args: argparse.Namespace) -> int:
-    from toyworld.data import build_dataset
+# ------------------------------------------------------------------------------------------- loaders
+def _pretrained(name: str, given: str | None) -> Path:
+    from toyworld.pretrained import pretrained_path
 
-    stats = build_dataset(
-        args.out, n=args.n, seed=args.seed, workers=args.workers, heldout_fraction=args.heldout_fraction
-    )
-    print(json.dumps(stats, indent=2))
-    print(f"wrote data set of {args.n} examples to {args.out}")
-    return 0
-
-
-def _cmd_data_preview(args: argparse.Namespace) -> int:
-    from toyworld.data import preview
-
-    path = preview(args.out, data=args.data, n=args.n, seed=args.seed, columns=args.columns)
-    print(f"wrote {path}")
-    return 0
-
-
-def _cmd_metadata(args: argparse.Namespace) -> int:
-    from toyworld.eval.metadata import make_metadata, write_metadata
-
-    entries = make_metadata(split=args.split, seed=args.seed)
-    path = write_metadata(entries, args.out)
-    print(f"wrote {len(entries)} prompts to {path}")
-    return 0
+    return Path(given) if given else pretrained_path(name)
 
 
 def _load_base(model: str | None):
     from diffusion_backbone.models import load_backbone
-    from toyworld.pretrained import pretrained_path
 
-    return load_backbone(model or pretrained_path("base"))
+    return load_backbone(_pretrained("base", model))
+
+
+def _toy_spec(args):
+    from planner.schema import PlanSpec
+    from toyworld.vocab import TOY_PLAN_SPEC
+
+    return PlanSpec() if getattr(args, "free_plan", False) else TOY_PLAN_SPEC
+
+
+def _load_planner(args):
+    from planner.planner import Planner
+
+    return Planner.from_pretrained(
+        _pretrained("planner", args.llm),
+        load_in_8bit=args.load_in_8bit,
+        spec=_toy_spec(args),
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _load_bridge_pipeline(args):
+    from llm_bridge.bridge import LLMBridge
+    from llm_bridge.pipeline import Plan2ImgPipeline
+
+    return Plan2ImgPipeline(
+        _load_planner(args), LLMBridge.from_pretrained(_pretrained("bridge", args.bridge)), _load_base(args.model)
+    )
 
 
 def _save_images(images, out: str) -> None:
@@ -57,55 +63,89 @@ def _save_images(images, out: str) -> None:
     atomic_write_bytes(out, buf.getvalue())
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import time
+# ------------------------------------------------------------------------------------------- commands
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from toyworld.data import build_dataset
 
+    stats = build_dataset(
+        args.out, n=args.n, seed=args.seed, workers=args.workers, heldout_fraction=args.heldout_fraction
+    )
+    print(json.dumps(stats, indent=2))
+    print(f"wrote data set of {args.n} examples to {args.out}")
+    return 0
+
+
+def _cmd_data_preview(args: argparse.Namespace) -> int:
+    from toyworld.data import preview
+
+    print(f"wrote {preview(args.out, data=args.data, n=args.n, seed=args.seed, columns=args.columns)}")
+    return 0
+
+
+def _cmd_metadata(args: argparse.Namespace) -> int:
+    from toyworld.eval.metadata import make_metadata, write_metadata
+
+    entries = make_metadata(split=args.split, seed=args.seed)
+    print(f"wrote {len(entries)} prompts to {write_metadata(entries, args.out)}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    planner = _load_planner(args)
+    gen = torch.Generator().manual_seed(args.seed) if args.sample else None
+    results = planner.plan(args.prompts, constrained=not args.unconstrained, do_sample=args.sample, generator=gen)
+    failed = 0
+    for r in results:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "prompt": r.prompt,
+                        "plan": r.plan.to_text() if r.plan else None,
+                        "fields": r.plan.fields() if r.plan else None,
+                        "raw": r.text,
+                        "stop_reason": r.stop_reason,
+                        "fixes": r.fixes,
+                        "error": r.error,
+                        "warnings": r.warnings,
+                    }
+                )
+            )
+        elif r.plan is None:
+            print(f"error: {r.error}", file=sys.stderr)
+        else:
+            print(r.plan.to_text())
+            for note in r.fixes + r.warnings:
+                print(f"  note: {note}", file=sys.stderr)
+        failed += r.plan is None
+    return 1 if failed else 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from toyworld.grammar import check_prompt
 
     prompt = check_prompt(args.prompt)
     seeds = [args.seed + k for k in range(args.n)]
-    if not args.native:
-        raise SystemExit("error: only --native generation is available so far")
-    from diffusion_backbone.pipeline import TextToImagePipeline
+    kwargs = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, progress=True)
+    if args.native:
+        from diffusion_backbone.pipeline import TextToImagePipeline
 
-    pipe = TextToImagePipeline(_load_base(args.model))
-    out = pipe(
-        [prompt] * args.n, seeds, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, progress=True
-    )
+        out = TextToImagePipeline(_load_base(args.model))([prompt] * args.n, seeds, **kwargs)
+    else:
+        pipe = _load_bridge_pipeline(args)
+        plans = [args.plan] * args.n if args.plan else None
+        out = pipe([prompt] * args.n, seeds, plans=plans, use_planner=not args.no_planner, **kwargs)
+        if out.plans[0] is not None:
+            print(f"plan: {out.plans[0].plan.to_text()}")
+        elif args.plan:
+            print(f"plan: {args.plan}")
     _save_images(out.images, args.output)
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
-    print(f"wrote {args.output} ({args.n} image(s), {timings}; {time.perf_counter() - t0:.2f}s since start)")
+    print(f"wrote {args.output} ({args.n} image(s); {timings}; {time.perf_counter() - t0:.2f}s since start)")
     return 0
-
-
-def _native_generator(args: argparse.Namespace):
-    from diffusion_backbone.pipeline import TextToImagePipeline
-
-    pipe = TextToImagePipeline(_load_base(args.model))
-
-    def generate(prompts, batch, seeds):
-        return pipe(
-            prompts,
-            seeds,
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            batch_size=len(prompts),
-        ).images
-
-    return generate
-
-
-def _vae_round_trip(args: argparse.Namespace):
-    from diffusion_backbone.sampling import decode_latents, encode_images
-
-    vae = _load_base(args.model).vae
-
-    def transform(images):
-        return decode_latents(vae, encode_images(vae, images))
-
-    return transform
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -117,6 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         score_generator,
         write_report,
     )
+    from toyworld.eval.scoring import summary_table
 
     metadata = Path(args.metadata) if args.metadata else PACKAGE_METADATA[args.split]
     entries = read_metadata(metadata)
@@ -128,24 +169,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if counts[e["tag"]] <= args.limit_per_task:
                 kept.append(e)
         entries = kept
-    images = None
     if sum([bool(args.images), args.ground_truth, bool(args.generate)]) != 1:
-        raise SystemExit("error: pass exactly one of --images DIR, --ground-truth, --generate native")
+        raise SystemExit("error: pass exactly one of --images DIR, --ground-truth, --generate native|bridge")
     extra = {"metadata": str(metadata)}
+    images = None
     if args.images:
         results = score_folder(entries, args.images)
         title = f"ShapesEval: {args.images}"
     else:
+        sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
         if args.ground_truth:
+            transform = None
             if args.degrade == "vae":
-                generate = ground_truth_generator("none", transform=_vae_round_trip(args))
-            else:
-                generate = ground_truth_generator(args.degrade)
+                from diffusion_backbone.sampling import decode_latents, encode_images
+
+                vae = _load_base(args.model).vae
+
+                def transform(images):
+                    return decode_latents(vae, encode_images(vae, images))
+
+            generate = ground_truth_generator("none" if args.degrade == "vae" else args.degrade, transform)
             title = f"ShapesEval ground truth (degrade={args.degrade}, {metadata.name})"
+        elif args.generate == "native":
+            from diffusion_backbone.pipeline import TextToImagePipeline
+
+            generate = TextToImagePipeline(_load_base(args.model)).as_generator(**sampling)
+            title = f"ShapesEval native ({args.sampler}, {args.steps} steps, guidance {args.guidance})"
         else:
-            generate = _native_generator(args)
-            title = f"ShapesEval {args.generate} ({args.sampler}, {args.steps} steps, guidance {args.guidance})"
-            extra.update(sampler=args.sampler, steps=args.steps, guidance=args.guidance, generator=args.generate)
+            generate = _load_bridge_pipeline(args).as_generator(plan_source=args.plan_source, **sampling)
+            title = (
+                f"ShapesEval bridge, plans: {args.plan_source} ({args.sampler}, {args.steps} steps, "
+                f"guidance {args.guidance})"
+            )
+        extra.update(
+            generator=args.generate or "ground-truth",
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            plan_source=args.plan_source,
+        )
         results, images = score_generator(
             entries,
             generate,
@@ -155,17 +217,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             keep_images=args.save_images,
         )
     summary = write_report(args.out, entries, results, title, images=images, extra=extra)
-    from toyworld.eval.scoring import summary_table
-
     print(summary_table(summary, title))
     print(f"wrote {args.out}/results.jsonl, summary.json, summary.md")
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from alignment.bridge_training import train_bridge
+    from alignment.stages import load_config
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    for folder in train_bridge(load_config(args.config, overrides)):
+        print(f"exported {folder}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "euler-a", "dpm++2m"], default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
+    p.add_argument("--llm", default=None, help="planner LLM folder, any local HF causal LM (default: shipped toy)")
+    p.add_argument("--bridge", default=None, help="bridge folder (default: the shipped toy bridge)")
+    p.add_argument("--load-in-8bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own code (off: safer)")
+    p.add_argument("--free-plan", action="store_true", help="free-text plan fields instead of the toy vocabulary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--seed", type=int, default=0)
     meta.set_defaults(func=_cmd_metadata)
 
+    plan = sub.add_parser("plan", help="prompt -> image plan (the planner LLM)")
+    plan.add_argument("prompts", nargs="+")
+    plan.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    plan.add_argument("--unconstrained", action="store_true", help="no constrained decoding (output is repaired)")
+    plan.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    plan.add_argument("--seed", type=int, default=0)
+    _add_model_args(plan)
+    plan.set_defaults(func=_cmd_plan)
+
+    gen = sub.add_parser("generate", help="prompt -> plan -> image (or --native: CLIP text -> image)")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG (several images side by side)")
+    gen.add_argument("--native", action="store_true", help="native baseline: CLIP text -> frozen U-Net")
+    gen.add_argument("--plan", default=None, help="use this plan text instead of planning")
+    gen.add_argument("--no-planner", action="store_true", help="condition on the LLM's states of the raw prompt")
+    gen.add_argument("--n", type=int, default=1, help="images (seeds seed .. seed + n - 1)")
+    gen.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(gen)
+    _add_model_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
     ev = sub.add_parser("eval", help="score images with ShapesEval")
     ev.add_argument("--metadata", default=None, help="metadata JSONL (default: the shipped file of --split)")
     ev.add_argument(
@@ -218,27 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="degradation of ground-truth renders (vae: a round trip through the base model's VAE)",
     )
-    ev.add_argument("--generate", choices=["native"], default=None, help="generate the images with this pipeline")
-    ev.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
-    _add_sampling_args(ev)
-    ev.add_argument("--batch-size", type=int, default=32, help="images per generation batch")
+    ev.add_argument("--generate", choices=["native", "bridge"], default=None, help="generate with this pipeline")
+    ev.add_argument(
+        "--plan-source",
+        choices=["planner", "oracle", "none"],
+        default="planner",
+        help="bridge: plans from the planner, the metadata's canonical plan, or none (raw prompt)",
+    )
     ev.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt when generating")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--limit-per-task", type=int, default=None, help="use only the first N prompts of each task")
     ev.add_argument("--save-images", action="store_true", help="also write generated images to OUT/images")
+    ev.add_argument("--batch-size", type=int, default=32, help="images per generation batch")
     ev.add_argument("--out", required=True, help="output folder for results.jsonl and summary.json")
+    _add_sampling_args(ev)
+    _add_model_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
-    gen = sub.add_parser("generate", help="prompt -> image")
-    gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", default="out.png", help="output PNG (several images side by side)")
-    gen.add_argument("--native", action="store_true", help="native baseline: CLIP text -> frozen U-Net")
-    gen.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
-    gen.add_argument("--n", type=int, default=1, help="images (seeds seed .. seed + n - 1)")
-    gen.add_argument("--seed", type=int, default=0)
-    _add_sampling_args(gen)
-    gen.set_defaults(func=_cmd_generate)
-
+    train = sub.add_parser("train", help="train the LLM bridge with a staged curriculum (YAML config)")
+    train.add_argument("--config", required=True, help="e.g. configs/toy_A.yaml")
+    train.add_argument("--set", nargs="*", default=[], help="top-level overrides KEY=VALUE (YAML values)")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -74,7 +74,8 @@ class Planner:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        self.spec = dataclasses.replace(spec or PlanSpec(), count_tokens=self.count_tokens)
+        self.plan_spec = spec or PlanSpec()  # limits in words: what a plan given by a user must satisfy
+        self.spec = dataclasses.replace(self.plan_spec, count_tokens=self.count_tokens)  # in LLM tokens: decoding
         self._token_texts: list[str] | None = None
 
     # ------------------------------------------------------------------ loading

@@ -265,3 +265,66 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_last_checkpoint(world, t
     assert "batch rows" in str(info.value)
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state == {"stage_index": 0, "step": 2}
+
+
+@pytest.fixture(scope="module")
+def trained_bridge(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bridge_run")
+    cfg = config_from_dict(
+        {
+            "data": str(world["data"]),
+            "base": str(world["base"]),
+            "planner": str(world["planners"]["llama"]),
+            "out": str(out / "run"),
+            "connector": "mlp",
+            "mode": "concat",
+            "mixed_precision": "no",
+            "stages": {"A": {"train": ["connector"], "steps": 2, "batch_size": 4}},
+        }
+    )
+    return BridgeTrainer(cfg, progress=False).run()[-1]
+
+
+def test_cli_plan_generate_eval_with_a_bridge(world, trained_bridge, tmp_path, capsys):
+    from plan2img.cli import main
+
+    models = ["--llm", str(world["planners"]["llama"]), "--bridge", str(trained_bridge), "--model", str(world["base"])]
+    assert main(["plan", "a red circle", "two stars", "--json", "--llm", str(world["planners"]["llama"])]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and all(x["plan"].startswith("<IMG_BEGIN>") for x in lines)
+    png = tmp_path / "g.png"
+    assert main(["generate", "a red circle", "-o", str(png), "--steps", "2", "--n", "2", *models]) == 0
+    assert "plan: <IMG_BEGIN>" in capsys.readouterr().out and png.stat().st_size > 100
+    for source in ("oracle", "planner", "none"):
+        out = tmp_path / f"eval-{source}"
+        assert (
+            main(
+                [
+                    "eval",
+                    "--generate",
+                    "bridge",
+                    "--plan-source",
+                    source,
+                    "--limit-per-task",
+                    "1",
+                    "--n-per-prompt",
+                    "1",
+                    "--steps",
+                    "2",
+                    "--out",
+                    str(out),
+                    *models,
+                ]
+            )
+            == 0
+        )
+        assert json.loads((out / "summary.json").read_text())["n_images"] == 10
+
+
+def test_cli_train_reports_bad_config(tmp_path, capsys):
+    from plan2img.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stages: {A: {train: [connector]}}\ncurriculum: [A, Z]\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "undefined stage" in capsys.readouterr().err
