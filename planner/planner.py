@@ -106,8 +106,8 @@ class Planner:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
             if device is not None:
                 kwargs["device_map"] = {"": str(device)}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
+        if not (load_in_8bit or load_in_4bit):
+            kwargs["dtype"] = dtype or torch.float32  # shipped weights may be fp16; compute in fp32 unless asked
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 str(path), local_files_only=True, trust_remote_code=trust_remote_code
