@@ -73,9 +73,8 @@ if __name__ == "__main__":
         report["bridge_latency_breakdown_s"] = one.timings
         report["bridge_cold_s"] = cold(plan2img + ["generate", "two blue squares above a red star"])
     print("| measurement | value |\n|---|---|")
-    print(
-        f"| native, batch {args.batch}, {args.steps} steps (ddim, CFG 5) | {report['native_images_per_s']:.2f} images/s |"
-    )
+    rate = report["native_images_per_s"]
+    print(f"| native, batch {args.batch}, {args.steps} steps (ddim, CFG 5) | {rate:.2f} images/s |")
     print(f"| `plan2img generate --native` cold, command to PNG | {report['native_cold_s']:.2f} s |")
     if "bridge_images_per_s" in report:
         print(f"| bridge, batch {args.batch}, {args.steps} steps | {report['bridge_images_per_s']:.2f} images/s |")
