@@ -1,7 +1,7 @@
 """Strategy-A training throughput with and without the hidden-state cache (same config, a few steps each).
 Prints a table, writes JSON.
 
-    python scripts/bench_bridge_training.py --config configs/toy_A.yaml --steps 40 --out runs/bench_bridge_training.json
+    python scripts/bench_bridge_training.py --config configs/toy_A.yaml --steps 40
 """
 
 import argparse
