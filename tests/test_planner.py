@@ -159,3 +159,17 @@ def test_constraint_masks_only_to_valid_continuations():
 def test_tokenizer_loading_is_local_only(llm_folder):
     tok = AutoTokenizer.from_pretrained(str(llm_folder), local_files_only=True)
     assert tok.eos_token == "</s>"
+
+
+def test_8bit_loading_plans_on_cpu(tmp_path):
+    from tiny_models import save_tiny_planner
+
+    folder = save_tiny_planner(tmp_path, "llama")
+    fp32 = Planner.from_pretrained(folder, spec=V.TOY_PLAN_SPEC)
+    int8 = Planner.from_pretrained(folder, spec=V.TOY_PLAN_SPEC, load_in_8bit=True, device="cpu")
+    assert "8bit" in type(int8.model.model.layers[0].self_attn.q_proj).__name__
+    assert int8.model.get_memory_footprint() < fp32.model.get_memory_footprint()
+    r = int8.plan(["a red circle"])[0]
+    assert r.plan is not None and r.plan.is_valid(int8.spec)
+    with pytest.raises(ValueError, match="one of"):
+        Planner.from_pretrained(folder, load_in_8bit=True, load_in_4bit=True)
