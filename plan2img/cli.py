@@ -149,7 +149,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from toyworld.eval.metadata import read_metadata
+    from toyworld.eval.metadata import limit_per_task, read_metadata
     from toyworld.eval.runner import (
         PACKAGE_METADATA,
         ground_truth_generator,
@@ -160,15 +160,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from toyworld.eval.scoring import summary_table
 
     metadata = Path(args.metadata) if args.metadata else PACKAGE_METADATA[args.split]
-    entries = read_metadata(metadata)
-    if args.limit_per_task:
-        counts: dict[str, int] = {}
-        kept = []
-        for e in entries:
-            counts[e["tag"]] = counts.get(e["tag"], 0) + 1
-            if counts[e["tag"]] <= args.limit_per_task:
-                kept.append(e)
-        entries = kept
+    entries = limit_per_task(read_metadata(metadata), args.limit_per_task)
     if sum([bool(args.images), args.ground_truth, bool(args.generate)]) != 1:
         raise SystemExit("error: pass exactly one of --images DIR, --ground-truth, --generate native|bridge")
     extra = {"metadata": str(metadata)}

@@ -14,20 +14,11 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
 from planner.planner import Planner
 from safeio import atomic_write_json
-from toyworld.eval.metadata import read_metadata
+from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, score_generator
 from toyworld.eval.scoring import summarize
 from toyworld.pretrained import pretrained_path
 from toyworld.vocab import TOY_PLAN_SPEC
-
-
-def subset(entries, per_task):
-    counts, out = {}, []
-    for e in entries:
-        counts[e["tag"]] = counts.get(e["tag"], 0) + 1
-        if counts[e["tag"]] <= per_task:
-            out.append(e)
-    return out
 
 
 def pipeline(planner_path, bridge_path, base, dtype):
@@ -48,7 +39,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     planner_path = args.planner or pretrained_path("planner")
     base = args.base or pretrained_path("base")
-    entries = subset(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
+    entries = limit_per_task(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
     report = {"n_prompts": len(entries), "n_per_prompt": args.n_per_prompt, "plan_source": args.plan_source}
     pipe32 = pipeline(planner_path, args.bridge, base, torch.float32)
     rows = []

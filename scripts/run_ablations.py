@@ -15,7 +15,7 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
 from planner.planner import Planner
 from safeio import atomic_write_json, atomic_write_text
-from toyworld.eval.metadata import read_metadata
+from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, score_generator
 from toyworld.eval.scoring import summarize
 from toyworld.vocab import TOY_PLAN_SPEC
@@ -31,15 +31,6 @@ VARIANTS = {
     "hierarchical injection (fixed)": {"hierarchical": "fixed"},
     "mode: concat": {"mode": "concat"},
 }
-
-
-def subset(entries, per_task):
-    counts, out = {}, []
-    for e in entries:
-        counts[e["tag"]] = counts.get(e["tag"], 0) + 1
-        if counts[e["tag"]] <= per_task:
-            out.append(e)
-    return out
 
 
 def evaluate(planner_path, bridge_dir, base, entries, n_per_prompt, guidance, steps, plan_source="oracle"):
@@ -65,7 +56,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/ablations")
     args = p.parse_args()
     out = Path(args.out)
-    entries = subset(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
+    entries = limit_per_task(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
     rows = {}
     for name in args.variants:
         change = dict(VARIANTS[name])

@@ -10,7 +10,7 @@ import numpy as np
 
 from safeio import atomic_write_bytes
 from toyworld.data import preview_grid
-from toyworld.eval.metadata import read_metadata
+from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, ground_truth_generator
 from toyworld.pretrained import pretrained_path
 from toyworld.vocab import TOY_PLAN_SPEC
@@ -24,11 +24,7 @@ if __name__ == "__main__":
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--out", default="docs/samples.png")
     args = p.parse_args()
-    entries, counts = [], {}
-    for e in read_metadata(PACKAGE_METADATA["heldout"]):
-        counts[e["tag"]] = counts.get(e["tag"], 0) + 1
-        if counts[e["tag"]] <= args.per_task:
-            entries.append(e)
+    entries = limit_per_task(read_metadata(PACKAGE_METADATA["heldout"]), args.per_task)
     prompts = [e["prompt"] for e in entries]
     seeds = [args.seed + i for i in range(len(entries))]
     rows = {}

@@ -9,20 +9,10 @@ import json
 from diffusion_backbone.models import load_backbone
 from diffusion_backbone.pipeline import TextToImagePipeline
 from safeio import atomic_write_json
-from toyworld.eval.metadata import read_metadata
+from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, score_generator
 from toyworld.eval.scoring import summarize
 from toyworld.pretrained import pretrained_path
-
-
-def subset(entries, per_task):
-    counts, out = {}, []
-    for e in entries:
-        counts[e["tag"]] = counts.get(e["tag"], 0) + 1
-        if counts[e["tag"]] <= per_task:
-            out.append(e)
-    return out
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
@@ -35,7 +25,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/sweep_native.json")
     args = p.parse_args()
     pipe = TextToImagePipeline(load_backbone(args.model or pretrained_path("base")))
-    entries = subset(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
+    entries = limit_per_task(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
     rows = []
     for sampler in args.samplers:
         for g in args.guidance:

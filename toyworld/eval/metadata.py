@@ -219,6 +219,19 @@ def read_metadata(path: str | Path) -> list[dict]:
     return entries
 
 
+def limit_per_task(entries: list[dict], n: int | None) -> list[dict]:
+    """The first ``n`` entries of each task (all entries when ``n`` is None), in file order."""
+    if n is None:
+        return list(entries)
+    counts: dict[str, int] = {}
+    out = []
+    for e in entries:
+        counts[e["tag"]] = counts.get(e["tag"], 0) + 1
+        if counts[e["tag"]] <= n:
+            out.append(e)
+    return out
+
+
 def ground_truth_spec(entry: dict) -> SceneSpec:
     """The spec a metadata entry was made from (its ``plan``)."""
     if "plan" not in entry:
