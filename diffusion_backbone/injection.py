@@ -17,16 +17,27 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 GROUPS = ("outer", "middle", "inner")
 
 
-def block_group(name: str, n_blocks: int) -> str:
-    """Depth group of an attention layer from its module name (``down_blocks.0...``, ``mid_block...``)."""
+def _depth(name: str, n_blocks: int) -> int:
     parts = name.split(".")
     if parts[0] == "mid_block":
-        return "inner"
+        return n_blocks
     index = int(parts[1])
-    depth = index if parts[0] == "down_blocks" else n_blocks - 1 - index
-    if depth == 0:
-        return "outer"
-    return "inner" if depth >= n_blocks - 1 else "middle"
+    return index if parts[0] == "down_blocks" else n_blocks - 1 - index
+
+
+def block_group(name: str, n_blocks: int, attn_depths: list[int] | None = None) -> str:
+    """Depth group of an attention layer from its module name (``down_blocks.1...``, ``mid_block...``).
+
+    The mid block is ``inner``; the shallowest depth that has attention is ``outer``; the depths between are
+    ``middle`` (the deepest non-mid depth joins ``middle`` too, so each group has layers when the U-Net has
+    attention at two or more resolutions besides the mid block).
+    """
+    depth = _depth(name, n_blocks)
+    if depth == n_blocks:
+        return "inner"
+    depths = sorted(set(attn_depths)) if attn_depths else list(range(n_blocks))
+    depths = [d for d in depths if d < n_blocks]
+    return "outer" if depth == depths[0] else "middle"
 
 
 class RoutedAttnProcessor:
@@ -51,10 +62,12 @@ class RoutedAttnProcessor:
 def install_routing(unet) -> dict[str, str]:
     """Put `RoutedAttnProcessor` on every attention layer; returns cross-attention layer -> depth group."""
     n_blocks = len(unet.config.block_out_channels)
+    cross = [name for name in unet.attn_processors if ".attn2." in name]
+    depths = [_depth(name, n_blocks) for name in cross]
     processors, groups = {}, {}
     for name in unet.attn_processors:
         if ".attn2." in name:
-            groups[name] = block_group(name, n_blocks)
+            groups[name] = block_group(name, n_blocks, depths)
             processors[name] = RoutedAttnProcessor(groups[name])
         else:
             processors[name] = RoutedAttnProcessor(None)

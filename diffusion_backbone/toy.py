@@ -38,14 +38,18 @@ def toy_unet(
     block_out_channels: tuple[int, ...] = (64, 128, 192),
     attention_head_dim: int = 32,
 ) -> UNet2DConditionModel:
-    """A small `UNet2DConditionModel` with cross-attention at every resolution."""
+    """A small `UNet2DConditionModel`: attention (self + cross) below the full latent resolution.
+
+    Attention at the full 16x16 resolution tripled the CPU cost of a training step (1.4 s -> 4.2 s at batch
+    64) for a world whose layout is a 3x3 grid, which the 8x8 and 4x4 attention layers resolve.
+    """
     n = len(block_out_channels)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
         block_out_channels=block_out_channels,
         layers_per_block=1,
         cross_attention_dim=cross_attention_dim,

@@ -19,6 +19,7 @@ if __name__ == "__main__":
     p.add_argument("--cross-attention-dim", type=int, default=128)
     p.add_argument("--tokens", type=int, default=40)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--bf16", action="store_true", help="autocast to bf16 (slower for this U-Net on CPU)")
     args = p.parse_args()
     unet = toy_unet(args.cross_attention_dim, 16, tuple(args.block_out_channels), args.attention_head_dim)
     opt = torch.optim.AdamW(unet.parameters(), 1e-4)
@@ -27,7 +28,7 @@ if __name__ == "__main__":
     times = []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = unet(z, torch.randint(0, 1000, (b,)), encoder_hidden_states=ctx).sample.float()
         loss = out.pow(2).mean()
         opt.zero_grad()
