@@ -328,3 +328,19 @@ def test_cli_train_reports_bad_config(tmp_path, capsys):
     cfg.write_text("stages: {A: {train: [connector]}}\ncurriculum: [A, Z]\n")
     assert main(["train", "--config", str(cfg)]) == 2
     assert "undefined stage" in capsys.readouterr().err
+
+
+def test_routing_with_the_main_tokens_everywhere_changes_nothing():
+    from diffusion_backbone.injection import GROUPS, install_routing
+    from diffusion_backbone.toy import toy_unet
+
+    unet = toy_unet(16, 8, (32, 32, 32), 8)
+    z, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    plain = unet_forward(unet, z, 10, Conditioning(ctx, mask))
+    groups = install_routing(unet)
+    assert set(groups.values()) == set(GROUPS)
+    same = Conditioning(ctx, mask, per_depth={g: Conditioning(ctx, mask) for g in GROUPS})
+    torch.testing.assert_close(unet_forward(unet, z, 10, same), plain)
+    other = Conditioning(ctx, mask, per_depth={"outer": Conditioning(torch.randn(2, 3, 16))})
+    assert not torch.allclose(unet_forward(unet, z, 10, other), plain)
