@@ -80,7 +80,7 @@ class BridgeTrainConfig:
     pooled: bool = True  # the pooled "how" stream into the time embedding
     use_planner: bool = True  # False: condition on the LLM's states of the raw prompt (no-planner ablation)
     cache_hidden: bool = True  # cache LLM states while the LLM is frozen
-    mixed_precision: str = "bf16"  # no | bf16 | fp16 (accelerate)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate); bf16 pays on GPUs, on CPU it was slower here
     llm_dtype: str = "float32"  # precision the LLM runs in (recorded in the connector config)
     seed: int = 0
     checkpoint_every: int = 250
