@@ -8,7 +8,9 @@ PRETRAINED_DIR = Path(__file__).parent
 
 HOW_TO_TRAIN = {
     "base": "python scripts/train_vae.py, scripts/train_clip.py, scripts/train_base_unet.py, then "
-    "scripts/export_base.py (see README, 'The frozen base')",
+    "scripts/ship.py base (see README, 'The frozen base')",
+    "planner": "python scripts/train_planner.py, then scripts/ship.py planner (see README, 'The planner')",
+    "bridge": "plan2img train --config configs/toy_ABC.yaml, then scripts/ship.py bridge (see README)",
 }
 
 
