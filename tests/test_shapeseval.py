@@ -19,7 +19,7 @@ from toyworld.eval.metadata import (
     validate_entry,
 )
 from toyworld.eval.runner import PACKAGE_METADATA, ground_truth_generator, score_generator
-from toyworld.eval.scoring import summarize
+from toyworld.eval.scoring import paired_difference, summarize
 from toyworld.render import degrade, render
 from toyworld.scene import Instance, Scene
 
@@ -268,3 +268,22 @@ def test_cli_ground_truth(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"] == 1.0 and summary["n_images"] == 20
     assert len(list((out / "images").glob("*/samples/*.png"))) == 20
+
+
+def test_paired_difference():
+    def results(correct_by_prompt):
+        return [
+            {"tag": tag, "prompt_index": i, "correct": c}
+            for tag in ("counting", "colors")
+            for i, cs in enumerate(correct_by_prompt)
+            for c in cs
+        ]
+
+    a = results([[True, False], [False, False], [True, True], [False, True]])  # 0.5 per task
+    b = results([[True, True], [True, False], [True, True], [True, True]])  # 0.875 per task
+    d = paired_difference(a, b, n_boot=200)
+    assert d["difference"] == pytest.approx(0.375)
+    assert d["ci95"][0] <= 0.375 <= d["ci95"][1] and d["ci95"][0] > 0  # b never loses on a prompt
+    assert paired_difference(a, a, n_boot=50)["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_difference(a, results([[True]]), n_boot=10)

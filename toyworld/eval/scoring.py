@@ -145,6 +145,33 @@ def summarize(results: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     return {"overall": overall, "overall_ci95": [float(lo), float(hi)], "tasks": per_task, "n_images": len(results)}
 
 
+def paired_difference(results_a: list[dict], results_b: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Overall score of ``b`` minus ``a`` on the same prompts, with a paired bootstrap 95% interval.
+
+    Both result lists must cover the same prompts (``prompt_index`` per ``tag``); the bootstrap draws one set
+    of prompts per task and scores both systems on it, so prompt difficulty cancels out of the interval.
+    """
+    per: dict[str, dict[int, list[list[bool]]]] = {}
+    for which, results in enumerate((results_a, results_b)):
+        for r in results:
+            cell = per.setdefault(r["tag"], {}).setdefault(int(r["prompt_index"]), [[], []])
+            cell[which].append(bool(r["correct"]))
+    if not per:
+        raise ValueError("no results to compare")
+    rng = np.random.default_rng(seed)
+    diffs, boots = [], []
+    for tag in sorted(per):
+        cells = list(per[tag].values())
+        if any(not a or not b for a, b in cells):
+            raise ValueError(f"task {tag!r}: the two result sets do not cover the same prompts")
+        stats = np.array([[sum(a), len(a), sum(b), len(b)] for a, b in cells], float)
+        diffs.append(stats[:, 2].sum() / stats[:, 3].sum() - stats[:, 0].sum() / stats[:, 1].sum())
+        s = stats[rng.integers(0, len(cells), size=(n_boot, len(cells)))].sum(1)
+        boots.append(s[:, 2] / s[:, 3] - s[:, 0] / s[:, 1])
+    lo, hi = np.percentile(np.mean(boots, axis=0), [2.5, 97.5])
+    return {"difference": float(np.mean(diffs)), "ci95": [float(lo), float(hi)], "tasks": len(per)}
+
+
 def summary_table(summary: dict, title: str | None = None) -> str:
     """Markdown table of a summary."""
     lines = [f"### {title}", ""] if title else []
