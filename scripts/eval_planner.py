@@ -16,11 +16,11 @@ from safeio import atomic_write_json
 from toyworld.vocab import TOY_PLAN_SPEC
 
 
-def latency_ms(planner: Planner, prompts: list[str], batch: int, repeats: int = 3) -> float:
-    planner.plan(prompts[:batch], batch_size=batch)  # warm-up
+def latency_ms(planner: Planner, prompts: list[str], batch: int, repeats: int = 3, constrained: bool = True) -> float:
+    planner.plan(prompts[:batch], batch_size=batch, constrained=constrained)  # warm-up
     t0 = time.perf_counter()
     for r in range(repeats):
-        planner.plan(prompts[r * batch : (r + 1) * batch], batch_size=batch)
+        planner.plan(prompts[r * batch : (r + 1) * batch], batch_size=batch, constrained=constrained)
     return (time.perf_counter() - t0) / (repeats * batch) * 1000
 
 
@@ -34,11 +34,12 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--int8", action="store_true", help="also load in 8-bit and compare with fp32 on 200 prompts")
+    p.add_argument("--latency-only", action="store_true", help="only measure latency (e.g. idle machine)")
     p.add_argument("--out", default="runs/planner_eval.json")
     args = p.parse_args()
     planner = Planner.from_pretrained(args.planner, spec=TOY_PLAN_SPEC)
     report = {"planner": args.planner}
-    for split in ("heldout", "train"):
+    for split in () if args.latency_only else ("heldout", "train"):
         prompts, gold = eval_prompts(split, args.n, args.seed)
         for constrained in (True, False):
             res = planner.plan(prompts, constrained=constrained, batch_size=32)
@@ -48,6 +49,7 @@ if __name__ == "__main__":
     prompts, _ = eval_prompts("heldout", 64, args.seed + 1)
     report["latency_ms_per_plan"] = {
         "batch_1": latency_ms(planner, prompts, 1),
+        "batch_1_unconstrained": latency_ms(planner, prompts, 1, constrained=False),
         "batch_16": latency_ms(planner, prompts, 16),
     }
     report["threads"] = torch.get_num_threads()
