@@ -25,7 +25,7 @@ from alignment.losses import ClipAlignmentHead, clip_alignment_loss, diffusion_l
 from alignment.stages import BridgeTrainConfig, StageConfig
 from diffusion_backbone.models import load_backbone
 from diffusion_backbone.sampling import unet_forward
-from llm_bridge.bridge import LLMBridge
+from llm_bridge.bridge import LOW_RANK_DOWN, LOW_RANK_UP, LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.encoder import PlanEncoder, PlanStates
 from safeio import atomic_dir, atomic_write_json
@@ -242,37 +242,51 @@ class BridgeTrainer:
 
     # ---------------------------------------------------------------------------------------- export
     @torch.no_grad()
-    def export(self, folder: Path) -> Path:
-        """Save the bridge (with the LLM / U-Net weights that stages fine-tuned, LoRA merged)."""
+    def export(self, folder: Path, upto: int | None = None) -> Path:
+        """Save the bridge with the LLM / U-Net weights fine-tuned by stages ``0..upto`` (all by default): LoRA
+        layers as their low-rank factors, fully trained weights as they are; frozen weights are left out (they
+        equal the base)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        trained = set()
-        for stage in self.cfg.stage_list():
-            trained |= set(stage.train)
+        done = self.cfg.stage_list()[: None if upto is None else upto + 1]
         deltas = {}
         for key, model in (("llm_top", self.encoder.model), ("unet_cross_attn", self.backbone.unet)):
-            if key not in trained:
-                continue
-            tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-            for m in tuners:
-                m.merge()
+            modes = {
+                ("lora" if (s.llm_lora_rank > 0 if key == "llm_top" else s.unet_cross_attn == "lora") else "full")
+                for s in done
+                if key in s.train
+            }
+            if not modes:
+                continue  # no stage so far trained this group: its weights equal the base
             delta = {}
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    continue
-                plain = n.replace(".base_layer", "")
-                if key == "unet_cross_attn" and (".attn2.to_k" in plain or ".attn2.to_v" in plain):
-                    delta[plain] = p.detach().clone()
-                if key == "llm_top" and self._in_top_blocks(plain):
-                    delta[plain] = p.detach().clone()
-            for m in tuners:
-                m.unmerge()
+            if "lora" in modes:  # LoRA layers: store the factors (scaling folded in), not merged weights
+                for name, m in model.named_modules():
+                    plain = name.replace(".base_layer", "") + ".weight"
+                    if not isinstance(m, BaseTunerLayer) or not self._exported_param(key, plain):
+                        continue
+                    for adapter in m.active_adapters:
+                        down = m.lora_A[adapter].weight.detach().float()
+                        up = m.lora_B[adapter].weight.detach().float() * m.scaling[adapter]
+                        if plain + LOW_RANK_DOWN in delta:  # several adapters: stack the ranks
+                            down = torch.cat([delta[plain + LOW_RANK_DOWN], down])
+                            up = torch.cat([delta[plain + LOW_RANK_UP], up], dim=1)
+                        delta[plain + LOW_RANK_DOWN], delta[plain + LOW_RANK_UP] = down.contiguous(), up.contiguous()
+            if "full" in modes:  # fully fine-tuned: every (non-LoRA) weight of the group as it is now
+                for n, p in model.named_parameters():
+                    plain = n.replace(".base_layer", "")
+                    if "lora_" not in n and self._exported_param(key, plain):
+                        delta[plain] = p.detach().clone()
             deltas[key] = delta
         self.bridge.llm_delta = deltas.get("llm_top", {})
         self.bridge.unet_delta = {
             k: v for k, v in deltas.get("unet_cross_attn", {}).items() if not k.startswith("class_embedding")
         }
         return self.bridge.save_pretrained(folder)
+
+    def _exported_param(self, key: str, name: str) -> bool:
+        if key == "unet_cross_attn":
+            return ".attn2.to_k" in name or ".attn2.to_v" in name
+        return self._in_top_blocks(name)
 
     def _in_top_blocks(self, name: str) -> bool:
         prefix, blocks = llm_blocks(self.encoder.model)
@@ -314,7 +328,7 @@ class BridgeTrainer:
             finished = self._run_stage(si, stage, start_step if si == start_stage else 0, offset, stop_at)
             if not finished:
                 return exports
-            self.export(folder)
+            self.export(folder, upto=si)
             exports.append(folder)
             self.save_checkpoint(si + 1, 0, *self._fresh_state(cfg.stage_list()[min(si + 1, len(cfg.curriculum) - 1)]))
         return exports

@@ -136,18 +136,40 @@ class LLMBridge(nn.Module):
         return bridge
 
 
+LOW_RANK_DOWN, LOW_RANK_UP = "::lora_down", "::lora_up"  # key suffixes of a low-rank update W += up @ down
+
+
 @torch.no_grad()
 def apply_delta(module: nn.Module, delta: dict[str, torch.Tensor], what: str) -> None:
-    """Overwrite some parameters of ``module`` (by name) with fine-tuned weights."""
+    """Apply fine-tuned weights to ``module`` (by parameter name): a plain entry replaces the parameter; a pair
+    ``NAME::lora_down`` [r, in] / ``NAME::lora_up`` [out, r] adds the low-rank update ``up @ down`` (a LoRA,
+    scaling folded into ``up``). Applying the same delta twice to one module is a no-op."""
     if not delta:
         return
+    applied = module.__dict__.setdefault("_plan2img_applied_deltas", set())
+    if id(delta) in applied:
+        return
     params = dict(module.named_parameters())
-    unknown = [k for k in delta if k not in params]
+    names = {k.split("::")[0] for k in delta}
+    unknown = [k for k in names if k not in params]
     if unknown:
         raise BridgeLoadError(f"the bridge's {what} weights name parameters this {what} lacks: {unknown[:4]}")
     for k, v in delta.items():
+        if "::" in k:
+            continue
         if params[k].shape != v.shape:
             raise BridgeLoadError(
                 f"{what} parameter {k} has shape {tuple(params[k].shape)}, the bridge's {tuple(v.shape)}"
             )
         params[k].copy_(v.to(params[k].dtype))
+    for k in sorted(n for n in names if n + LOW_RANK_DOWN in delta or n + LOW_RANK_UP in delta):
+        down, up = delta.get(k + LOW_RANK_DOWN), delta.get(k + LOW_RANK_UP)
+        if down is None or up is None or up.shape[1] != down.shape[0]:
+            raise BridgeLoadError(f"the bridge's {what} low-rank update of {k} is incomplete or malformed")
+        if (up.shape[0], down.shape[1]) != tuple(params[k].shape):
+            raise BridgeLoadError(
+                f"{what} parameter {k} has shape {tuple(params[k].shape)}, the bridge's low-rank update "
+                f"{(up.shape[0], down.shape[1])}"
+            )
+        params[k].add_((up.float() @ down.float()).to(params[k].dtype))
+    applied.add(id(delta))

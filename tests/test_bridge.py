@@ -158,6 +158,9 @@ def test_tiny_planner_trains_in_every_stage_and_generates(world, tmp_path, arch)
     assert [f.name for f in exports] == ["stage-A", "stage-AB", "stage-ABC"]
     final = LLMBridge.from_pretrained(exports[-1])
     assert final.llm_delta and final.unet_delta
+    after_a, after_ab = LLMBridge.from_pretrained(exports[0]), LLMBridge.from_pretrained(exports[1])
+    assert not after_a.llm_delta and not after_a.unet_delta  # nothing but the connector trained yet
+    assert after_ab.llm_delta and not after_ab.unet_delta
     pipe = Plan2ImgPipeline.from_pretrained(world["planners"][arch], exports[-1], world["base"], spec=V.TOY_PLAN_SPEC)
     out = pipe(["a red circle", "two stars"], seeds=[0, 1], steps=2)
     assert out.images.shape == (2, 64, 64, 3) and all(r.plan is not None for r in out.plans)
@@ -344,3 +347,32 @@ def test_routing_with_the_main_tokens_everywhere_changes_nothing():
     torch.testing.assert_close(unet_forward(unet, z, 10, same), plain)
     other = Conditioning(ctx, mask, per_depth={"outer": Conditioning(torch.randn(2, 3, 16))})
     assert not torch.allclose(unet_forward(unet, z, 10, other), plain)
+
+
+def test_exported_low_rank_deltas_reproduce_the_trained_weights(world, tmp_path):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from diffusion_backbone.models import load_backbone
+    from llm_bridge.bridge import apply_delta
+    from planner.planner import Planner
+
+    trainer = BridgeTrainer(_cfg(world, tmp_path, "llama", stages=ABC), progress=False)
+    final = LLMBridge.from_pretrained(trainer.run()[-1])
+    fresh_llm = Planner.from_pretrained(world["planners"]["llama"], spec=V.TOY_PLAN_SPEC).model
+    fresh_unet = load_backbone(world["base"]).unet
+    for trained, fresh, delta in (
+        (trainer.encoder.model, fresh_llm, final.llm_delta),
+        (trainer.backbone.unet, fresh_unet, final.unet_delta),
+    ):
+        assert any(k.endswith("::lora_down") for k in delta)  # LoRA stages export factors, not merged weights
+        for m in trained.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.merge()
+        want = {n.replace(".base_layer", ""): p for n, p in trained.named_parameters() if "lora_" not in n}
+        apply_delta(fresh, delta, "model")
+        apply_delta(fresh, delta, "model")  # applying the same delta again changes nothing
+        changed = 0
+        for n, p in fresh.named_parameters():
+            torch.testing.assert_close(p, want[n], atol=1e-5, rtol=1e-5, msg=n)
+            changed += n.split("::")[0] in {k.split("::")[0] for k in delta}
+        assert changed > 0
