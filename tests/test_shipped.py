@@ -1,0 +1,34 @@
+"""The models shipped in toyworld/pretrained/ load, fit the size budget, and run the default commands."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from toyworld.pretrained import PRETRAINED_DIR, pretrained_path
+
+SIZE_BUDGET = 40 * 1024 * 1024  # all shipped weights together
+
+
+def test_manifest_lists_every_shipped_model_within_budget():
+    manifest = json.loads((PRETRAINED_DIR / "MANIFEST.json").read_text())
+    for name in ("base", "planner", "bridge"):
+        assert name in manifest, f"{name} is not shipped"
+        assert pretrained_path(name).is_dir()
+        assert not list(pretrained_path(name).rglob("*.bin")), "pickled weights shipped"
+    assert manifest["total_bytes"] <= SIZE_BUDGET
+    on_disk = sum(f.stat().st_size for f in PRETRAINED_DIR.rglob("*") if f.is_file() and f.parent != PRETRAINED_DIR)
+    assert on_disk <= SIZE_BUDGET
+
+
+def test_default_generate_plan_and_native(tmp_path, capsys):
+    from plan2img.cli import main
+
+    assert main(["plan", "two blue squares above a red star", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan.startswith("<IMG_BEGIN>") and plan.endswith("<IMG_END>")
+    for flags, name in (([], "bridge.png"), (["--native"], "native.png")):
+        out = tmp_path / name
+        assert main(["generate", "two blue squares above a red star", "-o", str(out), "--steps", "3", *flags]) == 0
+        img = np.asarray(Image.open(out).convert("RGB"))
+        assert img.shape == (64, 64, 3) and img.std() > 0
