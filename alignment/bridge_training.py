@@ -92,6 +92,11 @@ class BridgeTrainModule(nn.Module):
         return losses
 
 
+def is_cross_attn_kv(name: str) -> bool:
+    """A U-Net cross-attention key/value parameter (what ``unet_cross_attn`` trains)."""
+    return ".attn2.to_k" in name or ".attn2.to_v" in name
+
+
 class BridgeTrainer:
     """Builds everything from a `BridgeTrainConfig` and runs its curriculum."""
 
@@ -142,7 +147,7 @@ class BridgeTrainer:
         from peft import LoraConfig, inject_adapter_in_model
 
         stages = self.cfg.stage_list()
-        llm_lora = [s for s in stages if "llm_top" in s.train and s.llm_lora_rank > 0]
+        llm_lora = [s for s in stages if "llm_top" in s.train and s.uses_lora("llm_top")]
         if llm_lora:
             k = max(s.llm_top_layers for s in llm_lora)
             prefix, blocks = llm_blocks(self.encoder.model)
@@ -153,7 +158,7 @@ class BridgeTrainer:
                 LoraConfig(r=llm_lora[0].llm_lora_rank, lora_alpha=llm_lora[0].llm_lora_rank, target_modules=pattern),
                 self.encoder.model,
             )
-        unet_lora = [s for s in stages if "unet_cross_attn" in s.train and s.unet_cross_attn == "lora"]
+        unet_lora = [s for s in stages if "unet_cross_attn" in s.train and s.uses_lora("unet_cross_attn")]
         if unet_lora:
             inject_adapter_in_model(
                 LoraConfig(
@@ -177,7 +182,7 @@ class BridgeTrainer:
         if "llm_top" in stage.train:
             _, blocks = llm_blocks(self.encoder.model)
             for depth, block in enumerate(reversed(blocks[-stage.llm_top_layers :])):
-                params = [p for n, p in block.named_parameters() if ("lora_" in n) == (stage.llm_lora_rank > 0)]
+                params = [p for n, p in block.named_parameters() if ("lora_" in n) == stage.uses_lora("llm_top")]
                 for p in params:
                     p.requires_grad_(True)
                 groups.append(
@@ -191,8 +196,7 @@ class BridgeTrainer:
         if "unet_cross_attn" in stage.train:
             params = []
             for n, p in self.backbone.unet.named_parameters():
-                is_kv = ".attn2.to_k" in n or ".attn2.to_v" in n
-                if is_kv and ("lora_" in n) == (stage.unet_cross_attn == "lora"):
+                if is_cross_attn_kv(n) and ("lora_" in n) == stage.uses_lora("unet_cross_attn"):
                     params.append(p)
             for p in params:
                 p.requires_grad_(True)
@@ -251,11 +255,7 @@ class BridgeTrainer:
         done = self.cfg.stage_list()[: None if upto is None else upto + 1]
         deltas = {}
         for key, model in (("llm_top", self.encoder.model), ("unet_cross_attn", self.backbone.unet)):
-            modes = {
-                ("lora" if (s.llm_lora_rank > 0 if key == "llm_top" else s.unet_cross_attn == "lora") else "full")
-                for s in done
-                if key in s.train
-            }
+            modes = {"lora" if s.uses_lora(key) else "full" for s in done if key in s.train}
             if not modes:
                 continue  # no stage so far trained this group: its weights equal the base
             delta = {}
@@ -284,9 +284,7 @@ class BridgeTrainer:
         return self.bridge.save_pretrained(folder)
 
     def _exported_param(self, key: str, name: str) -> bool:
-        if key == "unet_cross_attn":
-            return ".attn2.to_k" in name or ".attn2.to_v" in name
-        return self._in_top_blocks(name)
+        return is_cross_attn_kv(name) if key == "unet_cross_attn" else self._in_top_blocks(name)
 
     def _in_top_blocks(self, name: str) -> bool:
         prefix, blocks = llm_blocks(self.encoder.model)

@@ -51,6 +51,10 @@ class StageConfig:
     unet_lora_rank: int = 4
     unet_lr: float = 1e-5
 
+    def uses_lora(self, group: str) -> bool:
+        """Whether this stage trains ``group`` (llm_top / unet_cross_attn) through LoRA rather than in full."""
+        return self.llm_lora_rank > 0 if group == "llm_top" else self.unet_cross_attn == "lora"
+
     def __post_init__(self) -> None:
         unknown = [g for g in self.train if g not in PARAMETER_GROUPS]
         if unknown:

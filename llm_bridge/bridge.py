@@ -146,8 +146,8 @@ def apply_delta(module: nn.Module, delta: dict[str, torch.Tensor], what: str) ->
     scaling folded into ``up``). Applying the same delta twice to one module is a no-op."""
     if not delta:
         return
-    applied = module.__dict__.setdefault("_plan2img_applied_deltas", set())
-    if id(delta) in applied:
+    applied = module.__dict__.setdefault("_plan2img_applied_deltas", [])  # the dicts themselves: ids get reused
+    if any(d is delta for d in applied):
         return
     params = dict(module.named_parameters())
     names = {k.split("::")[0] for k in delta}
@@ -172,4 +172,4 @@ def apply_delta(module: nn.Module, delta: dict[str, torch.Tensor], what: str) ->
                 f"{(up.shape[0], down.shape[1])}"
             )
         params[k].add_((up.float() @ down.float()).to(params[k].dtype))
-    applied.add(id(delta))
+    applied.append(delta)

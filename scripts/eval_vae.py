@@ -28,7 +28,7 @@ if __name__ == "__main__":
 
     def round_trip(images):
         out = decode_latents(vae, encode_images(vae, images))
-        errors.append(float(((out.astype(np.float32) - images.astype(np.float32)) / 255.0).__pow__(2).mean()))
+        errors.append(float((((out.astype(np.float32) - images.astype(np.float32)) / 255.0) ** 2).mean()))
         return out
 
     entries = limit_per_task(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
