@@ -33,12 +33,12 @@ VARIANTS = {
 }
 
 
-def evaluate(planner_path, bridge_dir, base, entries, n_per_prompt, guidance, steps, plan_source="oracle"):
+def evaluate(planner_path, bridge_dir, base, entries, n_per_prompt, guidance, steps, plan_source, sampler):
     planner = Planner.from_pretrained(planner_path, spec=TOY_PLAN_SPEC)
     from diffusion_backbone.models import load_backbone
 
     pipe = Plan2ImgPipeline(planner, LLMBridge.from_pretrained(bridge_dir), load_backbone(base))
-    gen = pipe.as_generator(plan_source=plan_source, steps=steps, guidance_scale=guidance)
+    gen = pipe.as_generator(plan_source=plan_source, sampler=sampler, steps=steps, guidance_scale=guidance)
     res, _ = score_generator(entries, gen, n_per_prompt=n_per_prompt, progress=False)
     return summarize(res, n_boot=300)
 
@@ -51,7 +51,9 @@ if __name__ == "__main__":
     p.add_argument("--limit-per-task", type=int, default=20)
     p.add_argument("--n-per-prompt", type=int, default=2)
     p.add_argument("--eval-steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--plan-source", default="planner", choices=["planner", "oracle"])
     p.add_argument("--out", default="runs/ablations")
     args = p.parse_args()
@@ -65,7 +67,7 @@ if __name__ == "__main__":
         summary_file = run / "summary.json"
         if not summary_file.is_file():
             stage_change = change.pop("stage", {})
-            cfg = load_config(args.config, {"out": str(run), **change})
+            cfg = load_config(args.config, {"out": str(run), "threads": args.threads, **change})
             stage = cfg.stage_list()[0]
             stage.steps = args.steps
             for k, v in stage_change.items():
@@ -80,6 +82,7 @@ if __name__ == "__main__":
                 args.guidance,
                 args.eval_steps,
                 args.plan_source,
+                args.sampler,
             )
             atomic_write_json(summary_file, s)
         rows[name] = json.loads(summary_file.read_text())
@@ -105,5 +108,8 @@ if __name__ == "__main__":
             "n_prompts": len(entries),
             "n_per_prompt": args.n_per_prompt,
             "plan_source": args.plan_source,
+            "sampler": args.sampler,
+            "eval_steps": args.eval_steps,
+            "guidance": args.guidance,
         },
     )
