@@ -55,17 +55,38 @@ if __name__ == "__main__":
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--plan-source", default="planner", choices=["planner", "oracle"])
+    p.add_argument(
+        "--reference",
+        nargs="*",
+        default=[],
+        help="LABEL=BRIDGE_DIR: already-trained bridges scored on the same subset (no training), e.g. a longer run",
+    )
     p.add_argument("--out", default="runs/ablations")
     args = p.parse_args()
     out = Path(args.out)
     entries = limit_per_task(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
     rows = {}
-    for name in args.variants:
-        change = dict(VARIANTS[name])
+    references = dict(r.split("=", 1) for r in args.reference)
+    for name in args.variants + list(references):
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
         run = out / slug
         summary_file = run / "summary.json"
-        if not summary_file.is_file():
+        if name in references and not summary_file.is_file():
+            cfg = load_config(args.config, {})
+            s = evaluate(
+                cfg.planner,
+                references[name],
+                cfg.base,
+                entries,
+                args.n_per_prompt,
+                args.guidance,
+                args.eval_steps,
+                args.plan_source,
+                args.sampler,
+            )
+            atomic_write_json(summary_file, s)
+        elif not summary_file.is_file():
+            change = dict(VARIANTS[name])
             stage_change = change.pop("stage", {})
             cfg = load_config(args.config, {"out": str(run), "threads": args.threads, **change})
             stage = cfg.stage_list()[0]
