@@ -337,7 +337,7 @@ class BridgeTrainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, stage.steps, stage.warmup, stage.min_lr_ratio)
         )
-        ema = EMA(self.trainable_names(), stage.ema_decay)
+        ema = EMA(self.trainable_names(), stage.ema_decay, warmup=stage.ema_warmup)
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + len(stage.name))
         return opt, sched, ema, gen
 

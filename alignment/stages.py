@@ -37,6 +37,7 @@ class StageConfig:
     grad_accum: int = 1
     cfg_dropout: float = 0.1  # share of rows conditioned on the learned null (trains CFG's negative branch)
     ema_decay: float = 0.999  # EMA of every trainable weight; the exported weights are the EMA
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)) so short stages are not pulled to their init
     snr_gamma: float = 0.0  # min-SNR weighting of the diffusion loss (0: plain epsilon MSE)
     clip_align_weight: float = 0.0  # lambda of the CLIP alignment loss (0: off)
     clip_align_loss: str = "cosine"  # l2 | cosine | infonce

@@ -376,3 +376,23 @@ def test_exported_low_rank_deltas_reproduce_the_trained_weights(world, tmp_path)
             torch.testing.assert_close(p, want[n], atol=1e-5, rtol=1e-5, msg=n)
             changed += n.split("::")[0] in {k.split("::")[0] for k in delta}
         assert changed > 0
+
+
+def test_ema_warmup_tracks_a_short_run_and_resumes_its_schedule():
+    from alignment.loop import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema, fixed = EMA({"w": p}, 0.999), EMA({"w": p}, 0.999, warmup=False)
+    with torch.no_grad():
+        p.fill_(1.0)
+    for _ in range(100):
+        ema.update()
+        fixed.update()
+    assert ema.shadow["w"].min().item() > 0.99  # a 100-step run exports its trained weights
+    assert fixed.shadow["w"].max().item() < 0.1  # the fixed decay keeps > 90% of the initial zeros
+    again = EMA({"w": p}, 0.999)
+    again.load_state_dict(ema.state_dict())
+    assert again.num_updates == 100 and again.current_decay() == ema.current_decay()
+    old = {"w": ema.shadow["w"]}  # a checkpoint from before the count was saved: warm-up treated as over
+    again.load_state_dict(old)
+    assert again.current_decay() == 0.999
