@@ -12,18 +12,25 @@ import json
 from pathlib import Path
 
 from safeio import atomic_write_text
-from toyworld.eval.scoring import paired_difference
+from toyworld.eval.scoring import paired_difference, summarize
 
 
-def read_run(folder: Path) -> tuple[dict, list[dict]]:
+def read_run(folder: Path, samples: int | None = None) -> tuple[dict, list[dict]]:
+    """A run's summary and per-image results; with ``samples``, only images 0..samples-1 of each prompt (the
+    same seeds in every run) and a summary recomputed from them."""
     summary = json.loads((folder / "summary.json").read_text())
     with open(folder / "results.jsonl") as f:
         results = [json.loads(line) for line in f if line.strip()]
+    if samples is not None:
+        results = [r for r in results if int(r["sample"]) < samples]
+        if not results:
+            raise SystemExit(f"error: {folder} has no images with sample index < {samples}")
+        summary = summarize(results)
     return summary, results
 
 
-def table(rows: dict[str, Path], baseline: str | None, n_boot: int = 1000) -> str:
-    runs = {label: read_run(folder) for label, folder in rows.items()}
+def table(rows: dict[str, Path], baseline: str | None, n_boot: int = 1000, samples: int | None = None) -> str:
+    runs = {label: read_run(folder, samples) for label, folder in rows.items()}
     tasks = sorted({t for s, _ in runs.values() for t in s["tasks"]})
     head = ["run", "overall", "95% CI"] + tasks + ([f"Δ vs {baseline} (95% CI)"] if baseline else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -48,6 +55,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("rows", nargs="+", help="LABEL=RUN_DIR")
     p.add_argument("--baseline", default=None, help="label of the row the others are compared with")
+    p.add_argument(
+        "--samples", type=int, default=None, help="only the first N images of each prompt, every row (same seeds)"
+    )
     p.add_argument("--out", default=None, help="also write the table here")
     args = p.parse_args()
     rows = {}
@@ -60,7 +70,7 @@ if __name__ == "__main__":
         rows[label] = Path(folder)
     if args.baseline and args.baseline not in rows:
         raise SystemExit(f"error: baseline {args.baseline!r} is not one of the rows {list(rows)}")
-    md = table(rows, args.baseline)
+    md = table(rows, args.baseline, samples=args.samples)
     print(md)
     if args.out:
         atomic_write_text(args.out, md)

@@ -47,6 +47,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="configs/toy_A.yaml")
     p.add_argument("--steps", type=int, default=1200, help="training steps of every variant")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch of every variant (default: config)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--limit-per-task", type=int, default=20)
     p.add_argument("--n-per-prompt", type=int, default=2)
@@ -91,6 +92,8 @@ if __name__ == "__main__":
             cfg = load_config(args.config, {"out": str(run), "threads": args.threads, **change})
             stage = cfg.stage_list()[0]
             stage.steps = args.steps
+            if args.batch_size:
+                stage.batch_size = args.batch_size
             for k, v in stage_change.items():
                 setattr(stage, k, v)
             exported = train_bridge(cfg)[-1]
@@ -125,6 +128,7 @@ if __name__ == "__main__":
         out / "ablations.json",
         {
             "steps": args.steps,
+            "batch_size": args.batch_size,
             "rows": rows,
             "n_prompts": len(entries),
             "n_per_prompt": args.n_per_prompt,
