@@ -22,7 +22,7 @@ from toyworld.vocab import TOY_PLAN_SPEC
 
 VARIANTS = {
     "resampler+mean (reference)": {},
-    "layers: last": {"layers": "last"},
+    "layers: last": {"layers": "last", "cache_hidden": False},  # uncached: a 300-step run is not worth a new cache
     "layers: learned": {"layers": "learned"},
     "connector: linear": {"connector": "linear"},
     "connector: mlp": {"connector": "mlp"},
