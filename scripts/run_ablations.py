@@ -72,34 +72,23 @@ if __name__ == "__main__":
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
         run = out / slug
         summary_file = run / "summary.json"
-        if name in references and not summary_file.is_file():
-            cfg = load_config(args.config, {})
+        if not summary_file.is_file():
+            if name in references:
+                cfg, bridge_dir = load_config(args.config, {}), references[name]
+            else:
+                change = dict(VARIANTS[name])
+                stage_change = change.pop("stage", {})
+                cfg = load_config(args.config, {"out": str(run), "threads": args.threads, **change})
+                stage = cfg.stage_list()[0]
+                stage.steps = args.steps
+                if args.batch_size:
+                    stage.batch_size = args.batch_size
+                for k, v in stage_change.items():
+                    setattr(stage, k, v)
+                bridge_dir = train_bridge(cfg)[-1]
             s = evaluate(
                 cfg.planner,
-                references[name],
-                cfg.base,
-                entries,
-                args.n_per_prompt,
-                args.guidance,
-                args.eval_steps,
-                args.plan_source,
-                args.sampler,
-            )
-            atomic_write_json(summary_file, s)
-        elif not summary_file.is_file():
-            change = dict(VARIANTS[name])
-            stage_change = change.pop("stage", {})
-            cfg = load_config(args.config, {"out": str(run), "threads": args.threads, **change})
-            stage = cfg.stage_list()[0]
-            stage.steps = args.steps
-            if args.batch_size:
-                stage.batch_size = args.batch_size
-            for k, v in stage_change.items():
-                setattr(stage, k, v)
-            exported = train_bridge(cfg)[-1]
-            s = evaluate(
-                cfg.planner,
-                exported,
+                bridge_dir,
                 cfg.base,
                 entries,
                 args.n_per_prompt,
