@@ -3,7 +3,8 @@
 - base cache (per base model): VAE latents of every training image, the frozen CLIP image embeddings (the
   alignment targets), the native text encoder's token states (for ``concat`` mode) and its unconditional
   states (the learned null's initial value);
-- hidden-state cache (per LLM and layer selection): the plan-span states while the LLM is frozen.
+- hidden-state cache (per LLM and layer selection): the plan-span states while the LLM is frozen (with each
+  token's plan field and OBJECT entry).
 """
 
 from __future__ import annotations
@@ -101,17 +102,20 @@ def load_bridge_data(data: str | Path, backbone: Backbone, max_examples: int | N
 def hidden_state_cache(encoder: PlanEncoder, data: BridgeData, planner_path: str | Path, use_planner: bool,
                        cache_dir: str | Path, batch_size: int = 64, progress: bool = True) -> PlanStates:  # fmt: skip
     """Plan-span states of every row under the encoder's layer selection (fp16), cached on disk."""
-    key = hashlib.sha1(f"{_fingerprint(Path(planner_path))}|{encoder.layers}|{use_planner}|{len(data)}".encode())
+    key = hashlib.sha1(f"{_fingerprint(Path(planner_path))}|{encoder.layers}|{use_planner}|{len(data)}|v2".encode())
     path = Path(cache_dir) / f"hidden-{key.hexdigest()[:12]}.safetensors"
     if path.is_file():
         c = load_file(str(path))
-        return PlanStates(c["states"], c["mask"], c["field_ids"])
+        return PlanStates(c["states"], c["mask"], c["field_ids"], c["object_ids"])
     parts = []
     for start in tqdm(range(0, len(data), batch_size), desc="caching LLM states", disable=not progress):
         stop = min(len(data), start + batch_size)
         plans = data.plans[start:stop] if use_planner else None
         s = encoder.encode(data.prompts[start:stop], plans)
-        parts.append(PlanStates(s.states.half(), s.mask, s.field_ids))
+        parts.append(PlanStates(s.states.half(), s.mask, s.field_ids, s.object_ids))
     states = PlanStates.cat(parts)
-    _save(path, {"states": states.states, "mask": states.mask, "field_ids": states.field_ids})
+    _save(
+        path,
+        {"states": states.states, "mask": states.mask, "field_ids": states.field_ids, "object_ids": states.object_ids},
+    )
     return states

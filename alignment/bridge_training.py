@@ -28,6 +28,7 @@ from diffusion_backbone.sampling import unet_forward
 from llm_bridge.bridge import LOW_RANK_DOWN, LOW_RANK_UP, LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.encoder import PlanEncoder, PlanStates
+from llm_bridge.layout import batch_region_masks
 from safeio import atomic_dir, atomic_write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +57,7 @@ class BridgeTrainModule(nn.Module):
         self.noise_scheduler = scheduler
 
     def forward(self, prompts, plans, states: PlanStates | None, z0, clip_image, native, native_null, drop, t,
-                noise, stage: StageConfig) -> dict[str, torch.Tensor]:  # fmt: skip
+                noise, stage: StageConfig, region_masks=None) -> dict[str, torch.Tensor]:  # fmt: skip
         lm = None
         if states is None:
             grad = any(p.requires_grad for p in self.llm.parameters())
@@ -64,7 +65,8 @@ class BridgeTrainModule(nn.Module):
                 prompts, plans, grad=grad, lm_loss=stage.lm_loss_weight > 0 and plans is not None
             )
             states = states.to(dtype=torch.float32)
-        cond = self.bridge.conditioning(states, native, t if self.bridge.connector.timestep_aware else None)
+        timestep = t if self.bridge.connector.timestep_aware else None
+        cond = self.bridge.conditioning(states, native, timestep, region_masks)
         null = self.bridge.null_conditioning(len(drop), native_null)
         if drop.any():
             cond = self.bridge.drop(cond, null, drop)
@@ -130,6 +132,11 @@ class BridgeTrainer:
             hierarchical=cfg.hierarchical,
             mode=cfg.mode,
             llm_dtype=cfg.llm_dtype,
+            spatial=cfg.spatial,
+            object_tokens=cfg.object_tokens,
+            object_queries=cfg.object_queries,
+            region_strength=cfg.region_strength,
+            region_levels=cfg.region_levels,
         )
         null = self.data.native_null
         self.bridge = LLMBridge(ccfg, null.tokens[0], null.mask[0])
@@ -307,6 +314,13 @@ class BridgeTrainer:
             )
         return self.states
 
+    def region_masks(self, plans: list[str] | None) -> torch.Tensor | None:
+        """Region masks of a batch's plans at the latent resolution (spatial injection on), else None."""
+        if not self.cfg.spatial or plans is None:
+            return None
+        size = self.backbone.unet.config.sample_size
+        return batch_region_masks(plans, (size, size) if isinstance(size, int) else tuple(size))
+
     def run(self) -> list[Path]:
         cfg = self.cfg
         atomic_write_json(self.out / "config.json", json.loads(json.dumps(cfg, default=lambda o: o.__dict__)))
@@ -377,6 +391,7 @@ class BridgeTrainer:
             batch_states = None if states is None else states.index(idx).to(dtype=torch.float32)
             plans = [data.plans[i] for i in idx] if self.cfg.use_planner else None
             native = data.native(idx) if self.cfg.mode == "concat" else None
+            masks = self.region_masks(plans)
             with acc.accumulate(module), acc.autocast():
                 losses = module(
                     [data.prompts[i] for i in idx],
@@ -390,6 +405,7 @@ class BridgeTrainer:
                     t,
                     noise,
                     stage,
+                    masks,
                 )
                 check_finite(
                     losses["total"], offset + step, f"loss (stage {stage.name}, batch rows {idx[:6].tolist()}...)"

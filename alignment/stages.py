@@ -83,6 +83,11 @@ class BridgeTrainConfig:
     hierarchical: str = "off"  # off | fixed | learned
     mode: str = "replace"  # replace | concat
     pooled: bool = True  # the pooled "how" stream into the time embedding
+    spatial: bool = False  # plan-grounded spatial injection: per-object token groups confined to plan regions
+    object_tokens: str = "span"  # span | shared (ablation: every group reads the whole plan)
+    object_queries: int = 16  # resampler queries per object group
+    region_strength: float = 1.0  # 1: object tokens get no attention outside their region
+    region_levels: list[int] | None = None  # U-Net maps (latent side / 2**level) with regions; None: all
     use_planner: bool = True  # False: condition on the LLM's states of the raw prompt (no-planner ablation)
     cache_hidden: bool = True  # cache LLM states while the LLM is frozen
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate); bf16 pays on GPUs, on CPU it was slower here

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.injection import has_routing
 
 SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -45,7 +46,8 @@ def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, s
 
 def unet_forward(unet, latents: torch.Tensor, t, cond: Conditioning, **unet_kwargs) -> torch.Tensor:
     """One U-Net call on a `Conditioning`: tokens as encoder states, mask as encoder attention mask, the pooled
-    vector as ``class_labels`` when a time modulation is installed, per-depth groups to routed processors."""
+    vector as ``class_labels`` when a time modulation is installed, per-depth groups and regions to routed
+    processors."""
     kwargs = dict(unet_kwargs)
     if getattr(unet, "class_embedding", None) is not None:
         if cond.pooled is None:
@@ -54,6 +56,15 @@ def unet_forward(unet, latents: torch.Tensor, t, cond: Conditioning, **unet_kwar
     if cond.per_depth is not None:
         cak = dict(kwargs.pop("cross_attention_kwargs", None) or {})
         cak["per_depth"] = {k: (v.tokens, v.mask) for k, v in cond.per_depth.items()}
+        kwargs["cross_attention_kwargs"] = cak
+    if cond.regions is not None:
+        if not has_routing(unet):
+            raise ValueError(
+                "the conditioning has regions but the U-Net has no routed attention: install_routing(unet)"
+            )
+        r = cond.regions
+        cak = dict(kwargs.pop("cross_attention_kwargs", None) or {})
+        cak["regions"] = (r.token_region, r.masks, r.strength, r.levels)
         kwargs["cross_attention_kwargs"] = cak
     return unet(
         latents,

@@ -6,6 +6,7 @@ dtype it was trained with) and ``model.safetensors``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,10 +48,15 @@ class LLMBridge(nn.Module):
 
     # ----------------------------------------------------------------------------------- conditioning
     def conditioning(
-        self, plan: PlanStates, native: Conditioning | None = None, timestep: torch.Tensor | None = None
+        self,
+        plan: PlanStates,
+        native: Conditioning | None = None,
+        timestep: torch.Tensor | None = None,
+        region_masks: torch.Tensor | None = None,
     ) -> Conditioning:
-        """Connector output; in ``concat`` mode the native text tokens come first."""
-        cond = self.connector(plan, timestep)
+        """Connector output; in ``concat`` mode the native text tokens come first (global: they act everywhere).
+        ``region_masks`` (B, K, H, W) from the plan's layout add object token groups when ``spatial`` is on."""
+        cond = self.connector(plan, timestep, region_masks)
         if self.config.mode == "concat":
             if native is None:
                 raise ValueError("a concat-mode bridge needs the native text encoder's conditioning")
@@ -71,6 +77,18 @@ class LLMBridge(nn.Module):
         rows = [null.index(slice(i, i + 1)) if d else cond.index(slice(i, i + 1)) for i, d in enumerate(drop.tolist())]
         return Conditioning.cat(rows)
 
+    def set_spatial(self, **settings) -> None:
+        """Change the spatial-injection settings (``spatial``, ``object_tokens``, ``object_queries``,
+        ``region_strength``, ``region_levels``) in place, e.g. to use regions training-free on a bridge trained
+        without them. Call `attach` again (or `install_routing`) on the U-Net afterwards."""
+        allowed = {"spatial", "object_tokens", "object_queries", "region_strength", "region_levels"}
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise ValueError(f"unknown spatial setting(s) {unknown}; known: {sorted(allowed)}")
+        new = dataclasses.replace(self.config, **settings)  # validates
+        for name in settings:
+            setattr(self.config, name, getattr(new, name))
+
     # ----------------------------------------------------------------------------------- U-Net
     def check_unet(self, unet) -> None:
         c = self.config
@@ -86,12 +104,13 @@ class LLMBridge(nn.Module):
             )
 
     def attach(self, unet) -> None:
-        """Check dimensions, install the time modulation and (hierarchical) the routed attention processors."""
+        """Check dimensions, install the time modulation and (hierarchical, spatial) the routed attention
+        processors."""
         self.check_unet(unet)
         apply_delta(unet, self.unet_delta, "U-Net")
         if self.connector.time_modulation is not None:
             install_time_modulation(unet, self.connector.time_modulation)
-        if self.config.hierarchical != "off" and not has_routing(unet):
+        if (self.config.hierarchical != "off" or self.config.spatial) and not has_routing(unet):
             install_routing(unet)
 
     # ----------------------------------------------------------------------------------- files

@@ -7,9 +7,18 @@ connector normalises its input (LayerNorm) and initialises its output projection
 training starts from conditioning that barely moves the frozen U-Net.
 
 Two streams: ``tokens`` for cross-attention ("what"), and ``pooled`` for a zero-initialised modulation of
-the U-Net's time embedding ("how"). Hierarchical injection routes plan fields to U-Net depths
-(``outer``/``middle``/``inner``): ``fixed`` masks each depth group to its fields; ``learned`` learns a gate
-per (group, field), starting from the fixed routing.
+the U-Net's time embedding ("how").
+
+Spatial injection (``spatial=True``, given region masks from the plan's layout, `llm_bridge.layout`): besides
+the global tokens (the whole plan, acting everywhere), each OBJECT entry gets its own token group, confined to
+its region in the U-Net's cross-attention. For the resampler a group is the first ``object_queries`` queries
+run over that entry's span of the plan (``object_tokens="span"``) or over the whole plan (``"shared"``, the
+ablation: same content in every region); for linear/MLP connectors the entry's own plan tokens are its group.
+No new parameters: the same weights make global and object tokens, so a trained bridge can use regions
+training-free. Rows whose plan places no object keep exactly today's conditioning.
+
+Hierarchical injection routes plan fields to U-Net depths (``outer``/``middle``/``inner``): ``fixed`` masks
+each depth group to its fields; ``learned`` learns a gate per (group, field), starting from the fixed routing.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.conditioning import Conditioning, Regions
 from diffusion_backbone.injection import GROUPS, TimeModulation
 from llm_bridge.encoder import FIELD_INDEX, PlanStates
 
@@ -58,6 +67,11 @@ class ConnectorConfig:
     mode: str = "replace"  # replace | concat (native text tokens first, then the connector's)
     init_std: float = 0.02  # std of the output projection (small: start near the base model)
     llm_dtype: str = "float32"  # the LLM precision the connector was trained with
+    spatial: bool = False  # per-object token groups confined to the plan's regions (needs region masks)
+    object_tokens: str = "span"  # span: a group reads its OBJECT entry only | shared: the whole plan (ablation)
+    object_queries: int = 16  # resampler: queries per object group (the first N of the learned queries; 0: all)
+    region_strength: float = 1.0  # 1: object tokens get no attention outside their region; 0: no confinement
+    region_levels: list[int] | None = None  # U-Net maps (latent side / 2**level) with regions; None: every layer
     preset: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -72,6 +86,16 @@ class ConnectorConfig:
             raise ValueError("learned layer weights need num_llm_layers")
         if self.timestep_aware and self.kind != "resampler":
             raise ValueError("only the resampler connector can be timestep-aware")
+        if self.object_tokens not in ("span", "shared"):
+            raise ValueError(f"object_tokens must be span or shared, got {self.object_tokens!r}")
+        if self.object_tokens == "shared" and self.kind != "resampler":
+            raise ValueError("object_tokens='shared' needs the resampler connector")
+        if not 0 <= self.object_queries <= self.num_queries:
+            raise ValueError(f"object_queries must be in 0..{self.num_queries}, got {self.object_queries}")
+        if not 0.0 <= self.region_strength <= 1.0:
+            raise ValueError(f"region_strength must be in [0, 1], got {self.region_strength}")
+        if self.spatial and self.hierarchical != "off":
+            raise ValueError("spatial injection and hierarchical injection cannot be combined")
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> ConnectorConfig:
@@ -204,13 +228,14 @@ class Connector(nn.Module):
         return states
 
     def _tokens(
-        self, h: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor | None
+        self, h: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor | None, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, d) normalised states -> (tokens (B, M, d_ctx), token mask (B, M))."""
+        """(B, T, d) normalised states -> (tokens (B, M, d_ctx), token mask (B, M)); the resampler uses its first
+        ``num_queries`` queries (all by default)."""
         c = self.config
         if c.kind in ("linear", "mlp"):
             return self.proj(h), mask
-        q = self.queries[None].expand(h.shape[0], -1, -1)
+        q = self.queries[None, :num_queries].expand(h.shape[0], -1, -1)
         kv = self.in_proj(h)
         safe = mask.clone()
         safe[~mask.any(1), 0] = True  # a row with nothing to attend to attends to one zero state
@@ -219,7 +244,11 @@ class Connector(nn.Module):
         tokens = self.proj(self.out_norm(q))
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
-    def forward(self, plan: PlanStates, timestep: torch.Tensor | None = None) -> Conditioning:
+    def forward(
+        self, plan: PlanStates, timestep: torch.Tensor | None = None, region_masks: torch.Tensor | None = None
+    ) -> Conditioning:
+        """Plan states -> conditioning; with ``spatial`` and ``region_masks`` (B, K, H, W) from the plan's layout,
+        object token groups confined to their regions are added (see the module docstring)."""
         c = self.config
         if plan.states.shape[-1] != c.d_llm:
             raise ValueError(f"plan states have width {plan.states.shape[-1]}, the connector expects {c.d_llm}")
@@ -250,7 +279,50 @@ class Connector(nn.Module):
                 else:
                     gt, gm = tokens * gate[..., None], tmask
                 per_depth[group] = Conditioning(gt, gm)
+        if c.spatial and region_masks is not None:
+            return self._with_objects(plan, h, t_emb, tokens, tmask, pooled, region_masks)
         return Conditioning(tokens, tmask, pooled, per_depth)
+
+    def _with_objects(self, plan, h, t_emb, tokens, tmask, pooled, region_masks) -> Conditioning:
+        """Global tokens followed by one token group per OBJECT entry, each confined to its region mask."""
+        c = self.config
+        if plan.object_ids is None:
+            raise ValueError("spatial injection needs PlanStates.object_ids (encode with PlanEncoder)")
+        b, t = plan.mask.shape
+        if region_masks.ndim != 4 or region_masks.shape[0] != b:
+            raise ValueError(f"region masks must be (B={b}, K, H, W), got {tuple(region_masks.shape)}")
+        k = region_masks.shape[1]
+        entry = torch.arange(1, k + 1, device=h.device)
+        in_span = plan.mask[:, None, :] & (plan.object_ids[:, None, :] == entry[None, :, None])  # (B, K, T)
+        placed = (region_masks.flatten(2).amax(-1) > 0).to(h.device) & in_span.any(-1)  # (B, K)
+        if not placed.any():
+            return Conditioning(tokens, tmask, pooled)
+        if c.kind in ("linear", "mlp"):  # the entry's own plan tokens are its group
+            obj = plan.object_ids.clamp(0, k)
+            ok = torch.cat([torch.zeros_like(placed[:, :1]), placed], 1).gather(1, obj)
+            token_region = torch.where(ok, obj, torch.zeros_like(obj))
+            return Conditioning(tokens, tmask, pooled, regions=self._regions(token_region, region_masks))
+        n = c.object_queries or c.num_queries
+        kv_mask = in_span if c.object_tokens == "span" else plan.mask[:, None, :].expand(b, k, t)
+        hk = h[:, None].expand(b, k, *h.shape[1:]).reshape(b * k, *h.shape[1:])  # (B*K, T, d)
+        tk = None if t_emb is None else t_emb.repeat_interleave(k, dim=0)
+        obj_tokens, _ = self._tokens(hk, kv_mask.reshape(b * k, t), tk, n)  # (B*K, n, d_ctx)
+        obj_tokens = obj_tokens.reshape(b, k * n, -1)
+        obj_mask = placed.repeat_interleave(n, dim=1)  # unplaced entries' groups are masked out
+        token_region = torch.cat(
+            [torch.zeros_like(tmask, dtype=torch.long), entry.repeat_interleave(n)[None].expand(b, -1)], dim=1
+        )
+        return Conditioning(
+            torch.cat([tokens, obj_tokens], 1),
+            torch.cat([tmask, obj_mask], 1),
+            pooled,
+            regions=self._regions(token_region, region_masks),
+        )
+
+    def _regions(self, token_region: torch.Tensor, masks: torch.Tensor) -> Regions:
+        c = self.config
+        levels = None if c.region_levels is None else tuple(c.region_levels)
+        return Regions(token_region, masks.to(token_region.device), c.region_strength, levels)
 
 
 class NullConditioning(nn.Module):

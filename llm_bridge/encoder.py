@@ -28,12 +28,19 @@ class PlanStates:
     states: torch.Tensor  # (B, T, d) selected, or (B, L, T, d) all layers for learned selection
     mask: torch.Tensor  # (B, T) bool
     field_ids: torch.Tensor  # (B, T) long: 0 for <IMG_BEGIN>/<IMG_END>, FIELD_INDEX of the field otherwise
+    object_ids: torch.Tensor | None = None  # (B, T) long: k for the k-th OBJECT entry (1-based, its tag included)
 
     def to(self, device=None, dtype=None) -> PlanStates:
-        return PlanStates(self.states.to(device=device, dtype=dtype), self.mask.to(device), self.field_ids.to(device))
+        return PlanStates(
+            self.states.to(device=device, dtype=dtype),
+            self.mask.to(device),
+            self.field_ids.to(device),
+            None if self.object_ids is None else self.object_ids.to(device),
+        )
 
     def index(self, idx) -> PlanStates:
-        return PlanStates(self.states[idx], self.mask[idx], self.field_ids[idx])
+        objects = None if self.object_ids is None else self.object_ids[idx]
+        return PlanStates(self.states[idx], self.mask[idx], self.field_ids[idx], objects)
 
     @staticmethod
     def cat(items: list[PlanStates]) -> PlanStates:
@@ -55,10 +62,14 @@ class PlanStates:
             else:
                 s = pad(s)
             states.append(s)
+        objects = None
+        if all(x.object_ids is not None for x in items):
+            objects = torch.cat([pad(x.object_ids) for x in items])
         return PlanStates(
             torch.cat(states),
             torch.cat([pad(x.mask, False) for x in items]),
             torch.cat([pad(x.field_ids) for x in items]),
+            objects,
         )
 
 
@@ -182,15 +193,20 @@ class PlanEncoder:
         states = hidden.new_zeros(shape)
         mask = torch.zeros(ids.shape[0], t, dtype=torch.bool, device=ids.device)
         fields = torch.zeros(ids.shape[0], t, dtype=torch.long, device=ids.device)
+        objects = torch.zeros_like(fields)
+        object_field = FIELD_INDEX["OBJECT"]
         for b, (s, e) in enumerate(spans):
             if learned:
                 states[b, :, : e - s] = hidden[b, :, s:e]
             else:
                 states[b, : e - s] = hidden[b, s:e]
             mask[b, : e - s] = True
-            current = 0
+            current, k = 0, 0
             for j, tok in enumerate(ids[b, s:e].tolist()):
                 if tok in self.tag_field:
                     current = self.tag_field[tok]
-                fields[b, j] = 0 if tok in (self.begin_id, self.end_id) else current
-        return PlanStates(states, mask, fields)
+                    k += current == object_field
+                f = 0 if tok in (self.begin_id, self.end_id) else current
+                fields[b, j] = f
+                objects[b, j] = k if f == object_field else 0
+        return PlanStates(states, mask, fields, objects)

@@ -7,7 +7,8 @@
 The conditioning of a prompt is computed once and cached (the LLM forward and the connector run once per
 prompt, not per denoising step; a timestep-aware connector re-runs only the small connector per step). A
 plan can be given directly instead of a prompt (``plans=``), and ``use_planner=False`` conditions on the
-LLM's states of the raw prompt (the no-planner ablation).
+LLM's states of the raw prompt (the no-planner ablation). With spatial injection on (the bridge's config, or
+`set_spatial` for training-free use), each plan's OBJECT positions become region masks (`llm_bridge.layout`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import numpy as np
 import torch
 
 from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.injection import has_routing, install_routing
 from diffusion_backbone.models import Backbone, load_backbone
 from diffusion_backbone.pipeline import seeded_generators
 from diffusion_backbone.sampling import decode_latents, sample
 from llm_bridge.bridge import LLMBridge, apply_delta
 from llm_bridge.encoder import PlanEncoder, PlanStates
+from llm_bridge.layout import RegionGrid, batch_region_masks
 from planner.planner import Planner, PlanResult
 from planner.schema import Plan, PlanError
 
@@ -38,8 +41,17 @@ class Plan2ImgOutput:
 
 
 class Plan2ImgPipeline:
-    def __init__(self, planner: Planner, bridge: LLMBridge, backbone: Backbone, *, cache_size: int = 1024):
+    def __init__(
+        self,
+        planner: Planner,
+        bridge: LLMBridge,
+        backbone: Backbone,
+        *,
+        cache_size: int = 1024,
+        grid: RegionGrid | None = None,
+    ):
         self.planner = planner
+        self.grid = grid or RegionGrid()
         self.bridge = bridge.eval()
         self.backbone = backbone
         self.encoder = PlanEncoder(planner.model, planner.tokenizer, bridge.config.layers)
@@ -66,6 +78,20 @@ class Plan2ImgPipeline:
     ) -> Plan2ImgPipeline:
         p = Planner.from_pretrained(planner, spec=spec, dtype=llm_dtype, load_in_8bit=load_in_8bit)
         return cls(p, LLMBridge.from_pretrained(bridge), load_backbone(base))
+
+    def set_spatial(self, **settings) -> None:
+        """Turn plan-grounded spatial injection on/off or change its settings (see `LLMBridge.set_spatial`)."""
+        self.bridge.set_spatial(**settings)
+        if self.bridge.config.spatial and not has_routing(self.backbone.unet):
+            install_routing(self.backbone.unet)
+
+    def region_masks(self, plan_texts: list[str] | None) -> torch.Tensor | None:
+        """(B, K, h, w) region masks at the latent resolution, or None (spatial off, no plans, nothing placed)."""
+        if not self.bridge.config.spatial or plan_texts is None:
+            return None
+        size = self.backbone.unet.config.sample_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return batch_region_masks(plan_texts, hw, self.grid)
 
     # ----------------------------------------------------------------------------------- conditioning
     def native(self, prompts: list[str]) -> Conditioning | None:
@@ -155,12 +181,13 @@ class Plan2ImgPipeline:
             states, native = self.plan_states(prompts[sl], None if plan_texts is None else plan_texts[sl])
             t1 = time.perf_counter()
             null = self.bridge.null_conditioning(len(states.mask), self.native_null())
+            masks = self.region_masks(None if plan_texts is None else plan_texts[sl])
             if self.bridge.connector.timestep_aware:
 
-                def cond(t, states=states, native=native):
-                    return self.bridge.conditioning(states, native, t)
+                def cond(t, states=states, native=native, masks=masks):
+                    return self.bridge.conditioning(states, native, t, masks)
             else:
-                cond = self.bridge.conditioning(states, native)
+                cond = self.bridge.conditioning(states, native, region_masks=masks)
             t2 = time.perf_counter()
             latents = sample(
                 self.backbone.unet,

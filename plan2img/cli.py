@@ -40,13 +40,37 @@ def _load_planner(args):
     )
 
 
+def _spatial_settings(args) -> dict:
+    """Spatial-injection overrides from the command line (only those given)."""
+    settings = {}
+    if getattr(args, "spatial", None) is not None:
+        settings["spatial"] = args.spatial == "on"
+    for name in ("region_strength", "region_levels", "object_tokens", "object_queries"):
+        if getattr(args, name, None) is not None:
+            settings[name] = getattr(args, name)
+    return settings
+
+
 def _load_bridge_pipeline(args):
     from llm_bridge.bridge import LLMBridge
     from llm_bridge.pipeline import Plan2ImgPipeline
 
-    return Plan2ImgPipeline(
+    pipe = Plan2ImgPipeline(
         _load_planner(args), LLMBridge.from_pretrained(_pretrained("bridge", args.bridge)), _load_base(args.model)
     )
+    settings = _spatial_settings(args)
+    if settings:
+        pipe.set_spatial(**settings)
+    return pipe
+
+
+def _load_native_layout(args):
+    from llm_bridge.native_layout import NativeLayoutPipeline
+
+    planner = None if args.plan_source == "oracle" else _load_planner(args)
+    levels = None if args.region_levels is None else tuple(args.region_levels)
+    strength = 1.0 if args.region_strength is None else args.region_strength
+    return NativeLayoutPipeline(planner, _load_base(args.model), strength=strength, levels=levels)
 
 
 def _save_images(images, out: str) -> None:
@@ -187,12 +211,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
             generate = TextToImagePipeline(_load_base(args.model)).as_generator(**sampling)
             title = f"ShapesEval native ({args.sampler}, {args.steps} steps, guidance {args.guidance})"
+        elif args.generate == "native-layout":
+            generate = _load_native_layout(args).as_generator(plan_source=args.plan_source, **sampling)
+            title = (
+                f"ShapesEval native + layout, plans: {args.plan_source} ({args.sampler}, {args.steps} steps, "
+                f"guidance {args.guidance})"
+            )
         else:
             generate = _load_bridge_pipeline(args).as_generator(plan_source=args.plan_source, **sampling)
             title = (
                 f"ShapesEval bridge, plans: {args.plan_source} ({args.sampler}, {args.steps} steps, "
                 f"guidance {args.guidance})"
             )
+        extra["spatial"] = _spatial_settings(args)
         extra.update(
             generator=args.generate or "ground-truth",
             sampler=args.sampler,
@@ -236,6 +267,21 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "euler-a", "dpm++2m"], default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+
+
+def _add_spatial_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("spatial injection (default: as the bridge was trained)")
+    g.add_argument("--spatial", choices=["on", "off"], default=None, help="confine object tokens to plan regions")
+    g.add_argument("--region-strength", type=float, default=None, help="1: no attention outside a region; 0: none")
+    g.add_argument(
+        "--region-levels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="U-Net maps with regions, as latent side / 2**level (default: every cross-attention layer)",
+    )
+    g.add_argument("--object-tokens", choices=["span", "shared"], default=None, help="what object groups read")
+    g.add_argument("--object-queries", type=int, default=None, help="resampler queries per object group")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -300,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     _add_sampling_args(gen)
     _add_model_args(gen)
+    _add_spatial_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="score images with ShapesEval")
@@ -318,7 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="degradation of ground-truth renders (vae: a round trip through the base model's VAE)",
     )
-    ev.add_argument("--generate", choices=["native", "bridge"], default=None, help="generate with this pipeline")
+    ev.add_argument(
+        "--generate",
+        choices=["native", "native-layout", "bridge"],
+        default=None,
+        help="generate with this pipeline (native-layout: CLIP text + per-object sub-prompts in the plan's regions)",
+    )
     ev.add_argument(
         "--plan-source",
         choices=["planner", "oracle", "none"],
@@ -333,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder for results.jsonl and summary.json")
     _add_sampling_args(ev)
     _add_model_args(ev)
+    _add_spatial_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
     train = sub.add_parser("train", help="train the LLM bridge with a staged curriculum (YAML config)")
