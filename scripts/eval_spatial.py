@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
@@ -64,8 +66,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch-size", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     entries = limit_per_task(read_metadata(PACKAGE_METADATA[args.split]), args.limit_per_task)
     planner = Planner.from_pretrained(args.planner, spec=TOY_PLAN_SPEC)
