@@ -1,16 +1,29 @@
 """Toy world: scene <-> plan exactness, renderer determinism, grammar split, data set build."""
 
 import json
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
+from prompt_reader import read_prompt
 
 from planner.schema import Plan, PlanError, PlanObject
+from toyworld import augment as A
 from toyworld import vocab as V
-from toyworld.data import build_dataset, images_array, load_dataset_dir, make_example, preview
-from toyworld.grammar import FAMILIES, families, render_prompt
+from toyworld.data import build_dataset, images_array, load_dataset_dir, make_example, make_prompt_example, preview
+from toyworld.eval.metadata import GENEVAL_TASKS, read_metadata
+from toyworld.grammar import (
+    BASE_PHRASES,
+    FAMILIES,
+    HELDOUT_PHRASES,
+    WIDE_FAMILIES,
+    WIDE_PHRASES,
+    families,
+    render_prompt,
+)
 from toyworld.render import render
-from toyworld.scene import KINDS, Scene, SceneSpec, SpecDraw, sample_spec, spec_to_scene
+from toyworld.scene import KINDS, Scene, SceneSpec, SpecDraw, sample_spec, sample_stacked, spec_to_scene
 
 
 def test_spec_plan_scene_round_trips(rng):
@@ -110,6 +123,134 @@ def test_grammar_has_split_families_for_every_kind():
         assert families("train", kind) and families("heldout", kind), kind
     for rel in ("left of", "right of", "above", "below"):
         assert families("train", "relation", rel) and families("heldout", "relation", rel)
+    # the widened grammar: training families only, new names and frames, every kind and relation widened
+    wide = families("train", wide=True)
+    assert families("heldout", wide=True) == held and families("train") == train  # wide=False: the old grammar
+    assert all(f.split == "train" and f.wide for f in WIDE_FAMILIES)
+    assert len({f.name for f in FAMILIES + WIDE_FAMILIES}) == len(FAMILIES) + len(WIDE_FAMILIES)
+    assert {f.frame for f in held}.isdisjoint({f.frame for f in wide})
+    for kind in (*KINDS, "stacked"):
+        assert len([f for f in WIDE_FAMILIES if f.kind == kind]) >= 5, kind
+    for rel in ("left of", "right of", "above", "below"):
+        assert len(families("train", "relation", rel, wide=True)) >= len(families("train", "relation", rel)) + 5
+
+
+def _says(text: str, phrase: str) -> bool:
+    return re.search(rf"\b{re.escape(phrase)}\b", text.lower()) is not None
+
+
+def test_training_wording_avoids_the_heldout_phrases():
+    # every held-out frame has a distinctive phrase, so the list is what makes held-out sentences new
+    for fam in families("heldout"):
+        assert any(_says(fam.frame, p) for p in HELDOUT_PHRASES), fam.name
+    training_texts = [f.frame for f in families("train", wide=True)]
+    training_texts += [
+        p for tables in (BASE_PHRASES, WIDE_PHRASES) for t in tables.values() for v in t.values() for p in v
+    ]
+    training_texts += A.POLITE_PREFIXES + A.POLITE_SUFFIXES + A.CHATTER_PREFIXES + A.CHATTER_SUFFIXES
+    for text in training_texts:
+        assert not [p for p in HELDOUT_PHRASES if _says(text, p)], text
+    for i in range(2000):  # and so do rendered, augmented training rows
+        prompt = make_prompt_example(5, i)["prompt"]
+        assert not [p for p in HELDOUT_PHRASES if _says(prompt, p)], prompt
+
+
+def _draw_for(family, rng):
+    if family.kind == "stacked":
+        return sample_stacked(rng)
+    while True:
+        draw = sample_spec(rng, family.kind)
+        if family.kind != "relation" or draw.relation == family.relation:
+            return draw
+
+
+@pytest.mark.parametrize("family", FAMILIES + WIDE_FAMILIES, ids=lambda f: f.name)
+def test_prompts_read_back_to_their_spec(family):
+    rng = np.random.default_rng([7, len(family.name)])
+    noisy = A.AugmentConfig(p_chatter=0.5, p_polite=0.5, p_typo=1.0, max_typos=3, p_case=0.5, p_punct=0.5)
+    for i in range(24):
+        draw = _draw_for(family, rng)
+        prompt = render_prompt(draw, family, rng, p_optional=(0.0, 0.3, 1.0)[i % 3])
+        assert read_prompt(prompt, family) == draw.spec, prompt
+        if family.split == "train":  # augmentation is for training prompts only
+            noisy_prompt = A.augment_prompt(prompt, rng, noisy)
+            assert read_prompt(noisy_prompt, family) == draw.spec, noisy_prompt
+
+
+def test_wide_rows_are_reproducible_and_their_plans_parse():
+    rows = [make_prompt_example(3, i) for i in range(300)]
+    assert rows == [make_prompt_example(3, i) for i in range(300)]
+    assert [r["prompt"] for r in rows] != [make_prompt_example(4, i)["prompt"] for i in range(300)]
+    assert {r["kind"] for r in rows} == {*KINDS, "stacked"}
+    assert any(r["family"].startswith("wide_") for r in rows) and any(
+        r["family"] in {f.name for f in FAMILIES} for r in rows
+    )
+    for r in rows:
+        SceneSpec.from_plan(Plan.parse(r["plan"], V.TOY_PLAN_SPEC))
+    assert make_prompt_example(3, 0, augment=None)["plan"] == rows[0]["plan"]
+
+
+def test_augmentation_is_reproducible_from_the_seed():
+    prompts = [make_prompt_example(9, i, augment=None)["prompt"] for i in range(200)]
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        return [A.augment_prompt(p, rng) for p in prompts]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(1) != prompts
+
+
+def test_typos_never_touch_protected_words():
+    rng = np.random.default_rng(0)
+    cfg = A.AugmentConfig(p_chatter=0.0, p_polite=0.0, p_typo=1.0, max_typos=4, p_case=0.0, p_punct=0.0)
+    changed = 0
+    for i in range(1000):
+        prompt = make_prompt_example(11, i, augment=None)["prompt"]
+        out = A.augment_prompt(prompt, rng, cfg)
+        pairs = list(zip(prompt.split(" "), out.split(" "), strict=True))  # typos neither add nor remove words
+        assert all(a == b or not A.is_protected(a) for a, b in pairs), (prompt, out)
+        assert all(a == b or not A.is_protected(b) for a, b in pairs), (prompt, out)  # nor spell a protected one
+        changed += prompt != out
+    assert changed > 300
+    for w in ("red", "circles", "three", "3", "medium-sized", "left", "beneath", "outline", "and", "close-up"):
+        assert A.is_protected(w), w
+    assert not A.is_protected("draw") and not A.is_protected("please")
+
+
+def _edit_kind(word: str, out: str) -> str:
+    if len(out) == len(word) - 1 and any(word[:i] + word[i + 1 :] == out for i in range(len(word))):
+        return "drop"
+    if len(out) == len(word) + 1 and any(word[:i] + word[i] + word[i:] == out for i in range(len(word))):
+        return "double"
+    swaps = [word[:i] + word[i + 1] + word[i] + word[i + 2 :] for i in range(len(word) - 1)]
+    return "swap" if out in swaps else "other"
+
+
+def test_typo_is_one_swap_drop_or_double():
+    kinds = Counter(_edit_kind("please", A.typo("please", np.random.default_rng(s))) for s in range(100))
+    assert set(kinds) == {"swap", "drop", "double"}
+
+
+def test_handwritten_prompts_are_canonical_and_cover_the_tasks():
+    entries = read_metadata("toyworld/eval/data/handwritten.jsonl")
+    assert 45 <= len(entries) <= 80
+    assert {e["family"] for e in entries} == {"handwritten"}
+    assert set(GENEVAL_TASKS) <= {e["tag"] for e in entries}
+    assert len({e["prompt"] for e in entries}) == len(entries)
+    for e in entries:
+        spec = SceneSpec.from_plan(Plan.parse(e["plan"], V.TOY_PLAN_SPEC))
+        assert spec.to_plan().to_text() == e["plan"]  # the canonical text of its plan
+        assert Counter((r["class"], r.get("count", 1)) for r in e["include"]) == Counter(
+            (o.name, o.count) for o in spec.objects
+        ), e["prompt"]
+        for r in e["include"]:
+            if "color" in r:
+                assert any(o.name == r["class"] and o.color == r["color"] for o in spec.objects), e["prompt"]
+        for field, value in e.get("scene", {}).items():
+            if field != "size":
+                assert getattr(spec, field) == value, e["prompt"]
 
 
 def test_heldout_prompts_are_never_training_prompts():

@@ -19,11 +19,22 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from safeio import atomic_dir, atomic_write_bytes
+from toyworld.augment import DEFAULT_AUGMENT, AugmentConfig, augment_prompt
 from toyworld.grammar import families, render_prompt
 from toyworld.render import render
-from toyworld.scene import sample_spec, spec_to_scene
+from toyworld.scene import SpecDraw, sample_spec, sample_stacked, spec_to_scene
 
 COLUMNS = ("image", "prompt", "plan", "scene", "family", "kind", "split")
+# Kinds of widened-grammar planner rows: relations and pairs (what the planner misread most) a bit more often.
+WIDE_KIND_WEIGHTS = {
+    "single": 0.15,
+    "region": 0.1,
+    "pair": 0.18,
+    "relation": 0.22,
+    "count": 0.15,
+    "mixed": 0.12,
+    "stacked": 0.08,
+}
 
 
 def make_example(seed: int, index: int, heldout_fraction: float = 0.1) -> dict:
@@ -44,6 +55,29 @@ def make_example(seed: int, index: int, heldout_fraction: float = 0.1) -> dict:
         "kind": draw.kind,
         "split": split,
     }
+
+
+def sample_wide_draw(rng: np.random.Generator) -> SpecDraw:
+    """A spec of a kind drawn with `WIDE_KIND_WEIGHTS` (``stacked`` included)."""
+    kinds = list(WIDE_KIND_WEIGHTS)
+    kind = kinds[int(rng.choice(len(kinds), p=list(WIDE_KIND_WEIGHTS.values())))]
+    return sample_stacked(rng) if kind == "stacked" else sample_spec(rng, kind)
+
+
+def make_prompt_example(seed: int, index: int, augment: AugmentConfig | None = DEFAULT_AUGMENT) -> dict:
+    """One planner row of the widened training grammar for ``(seed, index)``: prompt and plan, no image.
+
+    The family is drawn from the original and the wide training families of the spec's kind; ``augment``
+    (None: none) adds seeded chatter, politeness, typos and casing (`toyworld.augment`).
+    """
+    rng = np.random.default_rng([seed, index])
+    draw = sample_wide_draw(rng)
+    fams = families("train", draw.kind, draw.relation, wide=True)
+    family = fams[int(rng.integers(len(fams)))]
+    prompt = render_prompt(draw, family, rng)
+    if augment is not None:
+        prompt = augment_prompt(prompt, rng, augment)
+    return {"prompt": prompt, "plan": draw.spec.to_plan().to_text(), "family": family.name, "kind": draw.kind}
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -9,6 +9,20 @@ What a prompt must say is fixed by the spec: every attribute that differs from i
 other than the shape's own, a size other than medium, a non-plain style, ...) is mentioned; attributes at
 their default may be mentioned too (``p_optional``). Positions follow the arrangement conventions of
 `toyworld.scene`, so the prompt determines the canonical plan.
+
+**Widened grammar** (``wide=True`` families, issue 11): more training frames for every kind, spoken as people
+type requests ("show me", "can you draw", "i want", "{b}, and to the left of it {a}", modifiers before the
+objects), with synonyms for sizes, regions and scene fields (`WIDE_PHRASES`, added to the base phrasings) and
+a seventh kind, ``stacked`` (two objects of one kind, "one on top of the other"). They are training families
+only and are left out of ``families()`` unless ``wide=True``, so data sets and metadata made with the original
+grammar stay the same row for row. They never reuse the distinctive phrases of the held-out frames
+(`HELDOUT_PHRASES`, checked by a test); plain one-word relation synonyms ("over", "under", "beneath", "beside",
+"next to", "on top of") are allowed because a held-out frame is a whole sentence shape ("{a} positioned over
+{b}", "{a} sitting underneath {b}"), not one word, and everyday English needs those words. Relation frames
+name the object being placed ``{a}`` and the reference ``{b}`` whatever the order of mention, and the relation
+word always says the family's own relation, so "{b}, and to the left of it {a}" gives the same plan as
+"{a} left of {b}" (the placed object first, as in the held-out "{b} with {a} on its left").
+Casing, typos, politeness and chatter are `toyworld.augment`, applied to training prompts.
 """
 
 from __future__ import annotations
@@ -63,19 +77,87 @@ REGION_PHRASES = {
     "bottom right": ["in the bottom right corner", "at the bottom right"],
 }
 DISTRACTORS = ["in a calm mood", "for a poster", "nothing fancy", "as a simple picture"]
+BASE_PHRASES: dict[str, dict[str, list[str]]] = {
+    "style": STYLE_PHRASES,
+    "lighting": LIGHTING_PHRASES,
+    "camera": CAMERA_PHRASES,
+    "material_adj": MATERIAL_ADJECTIVES,
+    "material": MATERIAL_PHRASES,
+    "size": SIZE_WORDS,
+    "region": REGION_PHRASES,
+    "distractor": {"": DISTRACTORS},
+}
+# Extra phrasings that only wide families use (on top of the base ones): each still names one value.
+WIDE_PHRASES: dict[str, dict[str, list[str]]] = {
+    "style": {
+        "plain": ["on a blank background", "plain background", "with a simple flat background"],
+        "vertical gradient": ["with a top-to-bottom gradient", "on a vertical gradient", "vertical gradient bg"],
+        "horizontal gradient": ["with a left-to-right gradient", "on a horizontal gradient", "horizontal gradient bg"],
+        "vignette": ["with a vignette", "vignette background", "with darkened edges"],
+    },
+    "lighting": {
+        "dim": ["with dim lighting", "in low lighting", "kind of dark"],
+        "normal": ["with normal lighting", "in regular light"],
+        "bright": ["with bright lighting", "very brightly lit", "really bright"],
+    },
+    "camera": {
+        "wide": ["zoomed out", "from far away", "a wide shot"],
+        "medium": ["at a medium distance", "a medium shot"],
+        "close-up": ["zoomed in", "up close", "close up"],
+    },
+    "material_adj": {"solid": ["filled-in", "solid-colored"], "outlined": ["outline", "unfilled"]},
+    "material": {"solid": ["filled in", "fully filled"], "outlined": ["as outlines", "just the outline"]},
+    "size": {
+        "small": ["teeny", "smallish"],
+        "medium": ["mid-sized", "regular-sized"],
+        "large": ["huge", "giant"],
+    },
+    "region": {
+        "top left": ["in the upper left", "in the top-left corner", "up in the top left"],
+        "top": ["along the top", "at the top of the picture", "up top"],
+        "top right": ["in the upper right", "in the top-right corner", "up in the top right"],
+        "left": ["on the left side", "over on the left", "to the left"],
+        "center": ["in the centre", "right in the middle", "dead center"],
+        "right": ["on the right side", "over on the right", "to the right"],
+        "bottom left": ["in the lower left", "in the bottom-left corner", "down in the bottom left"],
+        "bottom": ["along the bottom", "at the bottom of the picture", "down at the bottom"],
+        "bottom right": ["in the lower right", "in the bottom-right corner", "down in the bottom right"],
+    },
+    "distractor": {"": ["keep it simple", "in a clean style", "simple style"]},
+}
+# Wide families join groups with any of these (the base families always say " and ").
+WIDE_JOINERS = [" and ", " and ", " and ", ", plus ", " with ", " and also "]
+# Distinctive phrases of the held-out frames: no training frame or phrasing may contain them.
+HELDOUT_PHRASES = (
+    "both",
+    "alongside",
+    "on its left",
+    "on its right",
+    "positioned over",
+    "sitting underneath",
+    "exactly",
+    "a set of",
+    "a scene containing",
+    "please render",
+    "i would like to see",
+    "is all there is",
+    "placed",
+)
 
 
 @dataclass(frozen=True)
 class TemplateFamily:
     """One sentence frame. Placeholders: ``{o}`` (all objects), ``{a}``/``{b}`` (pair), ``{region}``, ``{m}``
-    (field modifiers, with their leading separator)."""
+    (field modifiers, with their leading separator), ``{mp}`` (the same modifiers said first, with a trailing
+    comma)."""
 
     name: str
-    kind: str  # single | region | pair | relation | count | mixed
+    kind: str  # single | region | pair | relation | count | mixed | stacked (wide only)
     frame: str
     split: str  # train | heldout
     relation: str | None = None  # for relation frames: "left of", "right of", "above", "below"
     digits: bool = False  # counts as digits ("3 circles") instead of words ("three circles")
+    wide: bool = False  # widened grammar: extra phrasings, object-phrase variants; digits or words at random
 
     def render(
         self, draw: SpecDraw, rng: np.random.Generator, p_optional: float = 0.3, force: frozenset[str] = frozenset()
@@ -135,16 +217,110 @@ FAMILIES: tuple[TemplateFamily, ...] = (
     _f("mixed_photo", "mixed", "a photo of {o}{m}", "train", digits=True),
     _f("mixed_containing", "mixed", "a scene containing {o}{m}", "heldout"),
 )
-FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 
 
-def families(split: str | None = None, kind: str | None = None, relation: str | None = None) -> list[TemplateFamily]:
-    """Families of a split (``train`` / ``heldout`` / None for both) and kind (and relation)."""
+def _w(name, kind, frame, relation=None) -> TemplateFamily:
+    return TemplateFamily("wide_" + name, kind, frame, "train", relation, wide=True)
+
+
+WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
+    # single object (center)
+    _w("single_show_me", "single", "show me {o}{m}"),
+    _w("single_make", "single", "make {o}{m}"),
+    _w("single_generate", "single", "generate {o}{m}"),
+    _w("single_i_want", "single", "i want {o}{m}"),
+    _w("single_can_you", "single", "can you draw {o}{m}"),
+    _w("single_give_me", "single", "give me {o}{m}"),
+    _w("single_just", "single", "just {o}{m}"),
+    _w("single_drawing_of", "single", "a drawing of {o}{m}"),
+    _w("single_mods_first", "single", "{mp}{o}"),
+    _w("single_mods_first_draw", "single", "{mp}draw {o}"),
+    # one object in a named region
+    _w("region_draw", "region", "draw {o} {region}{m}"),
+    _w("region_put", "region", "put {o} {region}{m}"),
+    _w("region_colon", "region", "{region}: {o}{m}"),
+    _w("region_show_me", "region", "show me {o} {region}{m}"),
+    _w("region_i_want", "region", "i want {o} {region}{m}"),
+    _w("region_can_you", "region", "can you draw {o} {region}{m}"),
+    _w("region_there_is", "region", "{region} there is {o}{m}"),
+    _w("region_mods_first", "region", "{mp}{o} {region}"),
+    _w("region_mods_region_first", "region", "{mp}{region}, {o}"),
+    # two objects, side by side in mention order
+    _w("pair_next_to", "pair", "{a} next to {b}{m}"),
+    _w("pair_beside", "pair", "{a} beside {b}{m}"),
+    _w("pair_side_by_side", "pair", "{a} and {b} side by side{m}"),
+    _w("pair_next_to_each_other", "pair", "{a} and {b} next to each other{m}"),
+    _w("pair_draw", "pair", "draw {a} and {b}{m}"),
+    _w("pair_show_me", "pair", "show me {a} and {b}{m}"),
+    _w("pair_make", "pair", "make {a} and {b}{m}"),
+    _w("pair_i_want", "pair", "i want {a} and {b}{m}"),
+    _w("pair_can_you", "pair", "can you draw {a} and {b}{m}"),
+    _w("pair_plus", "pair", "{a}, plus {b}{m}"),
+    _w("pair_mods_first", "pair", "{mp}{a} and {b}"),
+    _w("pair_mods_first_next_to", "pair", "{mp}{a} next to {b}"),
+    # spatial relations: {a} is the object placed, {b} the reference, in either order of mention
+    _w("rel_to_the_left_of", "relation", "{a} to the left of {b}{m}", "left of"),
+    _w("rel_draw_left_of", "relation", "draw {a} left of {b}{m}", "left of"),
+    _w("rel_ref_first_left", "relation", "{b}, and to the left of it {a}{m}", "left of"),
+    _w("rel_ref_first_left_that", "relation", "{b}, and left of that {a}{m}", "left of"),
+    _w("rel_mods_first_left", "relation", "{mp}{a} to the left of {b}", "left of"),
+    _w("rel_to_the_right_of", "relation", "{a} to the right of {b}{m}", "right of"),
+    _w("rel_draw_right_of", "relation", "draw {a} right of {b}{m}", "right of"),
+    _w("rel_ref_first_right", "relation", "{b}, and to the right of it {a}{m}", "right of"),
+    _w("rel_ref_first_right_that", "relation", "{b}, and right of that {a}{m}", "right of"),
+    _w("rel_mods_first_right", "relation", "{mp}{a} to the right of {b}", "right of"),
+    _w("rel_on_top_of", "relation", "{a} on top of {b}{m}", "above"),
+    _w("rel_over", "relation", "{a} over {b}{m}", "above"),
+    _w("rel_draw_above", "relation", "draw {a} above {b}{m}", "above"),
+    _w("rel_ref_first_above", "relation", "{b}, and above it {a}{m}", "above"),
+    _w("rel_ref_first_over", "relation", "{b}, and over it {a}{m}", "above"),
+    _w("rel_mods_first_on_top", "relation", "{mp}{a} on top of {b}", "above"),
+    _w("rel_under", "relation", "{a} under {b}{m}", "below"),
+    _w("rel_beneath", "relation", "{a} beneath {b}{m}", "below"),
+    _w("rel_draw_below", "relation", "draw {a} below {b}{m}", "below"),
+    _w("rel_ref_first_below", "relation", "{b}, and below it {a}{m}", "below"),
+    _w("rel_ref_first_beneath", "relation", "{b}, and beneath it {a}{m}", "below"),
+    _w("rel_mods_first_under", "relation", "{mp}{a} under {b}", "below"),
+    # counts of one kind of object
+    _w("count_draw", "count", "draw {o}{m}"),
+    _w("count_show_me", "count", "show me {o}{m}"),
+    _w("count_make", "count", "make {o}{m}"),
+    _w("count_i_want", "count", "i want {o}{m}"),
+    _w("count_can_you", "count", "can you draw {o}{m}"),
+    _w("count_generate", "count", "generate {o}{m}"),
+    _w("count_give_me", "count", "give me {o}{m}"),
+    _w("count_mods_first", "count", "{mp}{o}"),
+    # two objects of one kind, stacked (the count convention would put them side by side)
+    _w("stacked_on_top", "stacked", "{o}, one on top of the other{m}"),
+    _w("stacked_above", "stacked", "{o}, one above the other{m}"),
+    _w("stacked_each_other", "stacked", "{o} stacked on top of each other{m}"),
+    _w("stacked_vertically", "stacked", "draw {o} stacked vertically{m}"),
+    _w("stacked_mods_first", "stacked", "{mp}{o}, one over the other"),
+    # two groups, three or four objects in mention order
+    _w("mixed_draw", "mixed", "draw {o}{m}"),
+    _w("mixed_show_me", "mixed", "show me {o}{m}"),
+    _w("mixed_make", "mixed", "make {o}{m}"),
+    _w("mixed_i_want", "mixed", "i want {o}{m}"),
+    _w("mixed_can_you", "mixed", "can you draw {o}{m}"),
+    _w("mixed_generate", "mixed", "generate {o}{m}"),
+    _w("mixed_mods_first", "mixed", "{mp}{o}"),
+)
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES + WIDE_FAMILIES}
+
+
+def families(
+    split: str | None = None, kind: str | None = None, relation: str | None = None, *, wide: bool = False
+) -> list[TemplateFamily]:
+    """Families of a split (``train`` / ``heldout`` / None for both) and kind (and relation).
+
+    ``wide`` adds the widened-grammar families (all of split ``train``); without it the list is the original
+    grammar, so everything drawn from it (data sets, ShapesEval metadata) is unchanged.
+    """
     if split not in (None, "train", "heldout"):
         raise ValueError(f"split must be 'train', 'heldout' or None, got {split!r}")
     return [
         f
-        for f in FAMILIES
+        for f in FAMILIES + (WIDE_FAMILIES if wide else ())
         if (split is None or f.split == split)
         and (kind is None or f.kind == kind)
         and (relation is None or f.relation == relation)
@@ -153,6 +329,35 @@ def families(split: str | None = None, kind: str | None = None, relation: str | 
 
 def _choice(rng: np.random.Generator, items: list[str]) -> str:
     return items[int(rng.integers(len(items)))]
+
+
+def phrasings(table: str, key: str, wide: bool = False) -> list[str]:
+    """The ways to say ``key`` (e.g. ``table="region", key="top left"``): base ones, plus wide ones if asked."""
+    return BASE_PHRASES[table][key] + (WIDE_PHRASES[table].get(key, []) if wide else [])
+
+
+def _say(rng: np.random.Generator, table: str, key: str, family: TemplateFamily) -> str:
+    return _choice(rng, phrasings(table, key, family.wide))
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _wide_object_phrase(obj, words: list[str], color: str | None, rng: np.random.Generator) -> str:
+    """Wide families: the color may follow the noun ("a star in purple"), one object may be "one star", and
+    counts are digits or words at random."""
+    trailing = ""
+    if color is not None:
+        if rng.uniform() < 0.2:
+            trailing = " in " + color
+        else:
+            words = [*words, color]
+    if obj.count == 1:
+        noun = " ".join([*words, obj.name])
+        return ("one " + noun if rng.uniform() < 0.1 else _article(noun)) + trailing
+    number = str(obj.count) if rng.uniform() < 0.35 else NUMBER_WORDS[obj.count]
+    return " ".join([number, *words, PLURALS[obj.name]]) + trailing
 
 
 def _object_phrase(
@@ -166,14 +371,16 @@ def _object_phrase(
 ) -> str:
     words = []
     if obj.size != V.DEFAULT_SIZE or "size" in force or rng.uniform() < p_optional / 3:
-        words.append(_choice(rng, SIZE_WORDS[obj.size]))
+        words.append(_say(rng, "size", obj.size, family))
     if material_as_adjective:
-        words.append(_choice(rng, MATERIAL_ADJECTIVES[spec.material]))
-    if obj.color != V.DEFAULT_COLOR[obj.name] or "color" in force or rng.uniform() < p_optional:
+        words.append(_say(rng, "material_adj", spec.material, family))
+    say_color = obj.color != V.DEFAULT_COLOR[obj.name] or "color" in force or rng.uniform() < p_optional
+    if family.wide:
+        return _wide_object_phrase(obj, words, obj.color if say_color else None, rng)
+    if say_color:
         words.append(obj.color)
     if obj.count == 1:
-        noun = " ".join([*words, obj.name])
-        return ("an " if noun[0] in "aeiou" else "a ") + noun
+        return _article(" ".join([*words, obj.name]))
     number = str(obj.count) if family.digits else NUMBER_WORDS[obj.count]
     return " ".join([number, *words, PLURALS[obj.name]])
 
@@ -206,30 +413,29 @@ def render_prompt(
     phrases = [_object_phrase(o, spec, rng, family, p_optional, force, material_adj) for o in spec.objects]
     mods = []
     if mention_material and not material_adj:
-        mods.append(_choice(rng, MATERIAL_PHRASES[spec.material]))
+        mods.append(_say(rng, "material", spec.material, family))
     if wants("style", spec.style == V.DEFAULT_STYLE):
-        mods.append(_choice(rng, STYLE_PHRASES[spec.style]))
+        mods.append(_say(rng, "style", spec.style, family))
     if wants("lighting", spec.lighting == V.DEFAULT_LIGHTING):
-        mods.append(_choice(rng, LIGHTING_PHRASES[spec.lighting]))
+        mods.append(_say(rng, "lighting", spec.lighting, family))
     if wants("camera", spec.camera == V.DEFAULT_CAMERA):
-        mods.append(_choice(rng, CAMERA_PHRASES[spec.camera]))
+        mods.append(_say(rng, "camera", spec.camera, family))
     order = rng.permutation(len(mods))
     mods = [mods[i] for i in order]
     if rng.uniform() < p_optional / 3:
-        mods.append(_choice(rng, DISTRACTORS))
-    m = "".join((", " if rng.uniform() < 0.6 else " ") + x for x in mods)
-
-    values = {"m": m}
+        mods.append(_say(rng, "distractor", "", family))
+    separators = [", " if rng.uniform() < 0.6 else " " for _ in mods]
+    values = {"m": "".join(sep + x for sep, x in zip(separators, mods)), "mp": "".join(x + ", " for x in mods)}
     if family.kind in ("pair", "relation"):
         values["a"], values["b"] = phrases
     elif family.kind in ("count", "mixed"):
-        values["o"] = " and ".join(phrases)
+        values["o"] = (_choice(rng, WIDE_JOINERS) if family.wide else " and ").join(phrases)
     else:
         values["o"] = phrases[0]
     if family.kind == "region":
-        values["region"] = _choice(rng, REGION_PHRASES[spec.objects[0].positions[0]])
+        values["region"] = _say(rng, "region", spec.objects[0].positions[0], family)
     elif family.kind == "single" and (wants("position", True) and rng.uniform() < 0.3):
-        values["o"] += " " + _choice(rng, REGION_PHRASES["center"])
+        values["o"] += " " + _say(rng, "region", "center", family)
     prompt = family.frame.format(**values)
     return " ".join(prompt.split())
 

@@ -395,6 +395,21 @@ def sample_spec(
     raise RuntimeError(f"could not sample a drawable {kind} spec in {max_tries} tries")
 
 
+def sample_stacked(rng: np.random.Generator, max_tries: int = 100, **kwargs) -> SpecDraw:
+    """Two objects of one kind stacked (top, bottom): kind ``stacked``, said by wide grammar families only
+    ("two circles, one on top of the other"); ``kwargs`` go to `sample_spec` for the object and fields."""
+    for _ in range(max_tries):
+        draw = sample_spec(rng, "single", **kwargs)
+        o = draw.spec.objects[0]
+        fields = {k: getattr(draw.spec, k) for k in ("style", "lighting", "camera", "material")}
+        try:
+            spec = SceneSpec((PlanObject(o.name, 2, o.size, o.color, None, ("top", "bottom")),), **fields)
+        except ValueError:
+            continue  # large objects at close-up do not fit a stack: draw again
+        return SpecDraw(spec, "stacked")
+    raise RuntimeError(f"could not sample a drawable stacked spec in {max_tries} tries")
+
+
 def default_slots(n: int) -> tuple[str, ...]:
     """Regions of ``n`` objects placed by convention (mention order)."""
     return {
