@@ -7,7 +7,9 @@
 The conditioning of a prompt is computed once and cached (the LLM forward and the connector run once per
 prompt, not per denoising step; a timestep-aware connector re-runs only the small connector per step). A
 plan can be given directly instead of a prompt (``plans=``), and ``use_planner=False`` conditions on the
-LLM's states of the raw prompt (the no-planner ablation). With spatial injection on (the bridge's config, or
+LLM's states of the raw prompt (the no-planner ablation). A separate ``writer`` planner may write the plans
+while the bridge's own LLM reads them (e.g. a planner fine-tuned on wider English after the bridge was
+trained). With spatial injection on (the bridge's config, or
 `set_spatial` for training-free use), each plan's OBJECT positions become region masks (`llm_bridge.layout`).
 """
 
@@ -49,8 +51,10 @@ class Plan2ImgPipeline:
         *,
         cache_size: int = 1024,
         grid: RegionGrid | None = None,
+        writer: Planner | None = None,
     ):
         self.planner = planner
+        self.writer = writer or planner  # writes the plans; ``planner``'s LLM always reads them (hidden states)
         self.grid = grid or RegionGrid()
         self.bridge = bridge.eval()
         self.backbone = backbone
@@ -165,7 +169,7 @@ class Plan2ImgPipeline:
         elif use_planner:
             t0 = time.perf_counter()
             unique = list(dict.fromkeys(prompts))
-            by_prompt = dict(zip(unique, self.planner.plan(unique, batch_size=batch_size)))
+            by_prompt = dict(zip(unique, self.writer.plan(unique, batch_size=batch_size)))
             timings["planning"] += time.perf_counter() - t0
             results = [by_prompt[p] for p in prompts]
             bad = [i for i, r in enumerate(results) if r.plan is None]

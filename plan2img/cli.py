@@ -54,9 +54,16 @@ def _spatial_settings(args) -> dict:
 def _load_bridge_pipeline(args):
     from llm_bridge.bridge import LLMBridge
     from llm_bridge.pipeline import Plan2ImgPipeline
+    from planner.planner import Planner
 
+    writer = None
+    if getattr(args, "writer", None):
+        writer = Planner.from_pretrained(args.writer, load_in_8bit=args.load_in_8bit, spec=_toy_spec(args))
     pipe = Plan2ImgPipeline(
-        _load_planner(args), LLMBridge.from_pretrained(_pretrained("bridge", args.bridge)), _load_base(args.model)
+        _load_planner(args),
+        LLMBridge.from_pretrained(_pretrained("bridge", args.bridge)),
+        _load_base(args.model),
+        writer=writer,
     )
     settings = _spatial_settings(args)
     if settings:
@@ -288,6 +295,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
     p.add_argument("--llm", default=None, help="planner LLM folder, any local HF causal LM (default: shipped toy)")
     p.add_argument("--bridge", default=None, help="bridge folder (default: the shipped toy bridge)")
+    p.add_argument(
+        "--writer", default=None, help="a second planner LLM that writes the plans (--llm still reads them)"
+    )
     p.add_argument("--load-in-8bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own code (off: safer)")
     p.add_argument("--free-plan", action="store_true", help="free-text plan fields instead of the toy vocabulary")

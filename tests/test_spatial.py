@@ -267,9 +267,19 @@ def test_training_free_regions_on_a_bridge_trained_without_them(world, tmp_path)
     pipe.set_spatial(spatial=True, object_queries=8, region_levels=[1])
     on = pipe(["x"], **kw).images
     assert not np.array_equal(off, on)
-    pipe.set_spatial(region_strength=0.0)  # zero strength: object tokens act everywhere; not today's either
     pipe.set_spatial(spatial=False)
     assert np.array_equal(pipe(["x"], **kw).images, off)
+
+
+def test_a_separate_writer_writes_the_plans_and_the_bridge_llm_reads_them(world, tmp_path):
+    final = BridgeTrainer(_spatial_cfg(world, tmp_path, "replace", spatial=False), progress=False).run()[-1]
+    reader = Planner.from_pretrained(world["planner"], spec=V.TOY_PLAN_SPEC)
+    writer = Planner.from_pretrained(save_tiny_planner(tmp_path / "qwen2", "qwen2"), spec=V.TOY_PLAN_SPEC)
+    pipe = Plan2ImgPipeline(reader, LLMBridge.from_pretrained(final), load_backbone(world["base"]), writer=writer)
+    prompts = ["a red circle", "two stars"]
+    out = pipe(prompts, seeds=[0, 1], steps=2)
+    assert [r.plan for r in out.plans] == [r.plan for r in writer.plan(prompts)]
+    assert pipe.encoder.model is reader.model
 
 
 def test_native_layout_confines_subprompts_and_generates(world):
