@@ -2,6 +2,8 @@
 
 Supervised fine-tuning on prompt -> canonical plan uses TRL's `SFTTrainer` on a prompt-completion data set,
 so the loss is on the completion (the plan) only. Training resumes from the Trainer's last checkpoint.
+``--init`` continues from a trained planner (its weights and its tokenizer); ``--wide-rows`` adds prompt/plan
+rows of the widened grammar (`toyworld.data.make_prompt_example`, no images) to the data set's rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from planner.planner import Planner, PlanResult
 from planner.schema import FIELDS, Plan, PlanError, PlanSpec
 from planner.tokens import add_planning_tokens, format_prompt
 from safeio import atomic_dir, atomic_write_json
+from toyworld.augment import AugmentConfig
+from toyworld.data import load_dataset_dir, make_example, make_prompt_example
+from toyworld.eval.metadata import read_metadata
 
 
 @dataclass
@@ -40,6 +45,11 @@ class PlannerTrainConfig:
     save_steps: int = 200
     logging_steps: int = 20
     threads: int | None = None
+    init: str | None = None  # continue from this planner folder (weights + its tokenizer); None: from scratch
+    data_rows: int | None = None  # a seeded random subset of the data set's train rows; None: all of them
+    wide_rows: int = 0  # extra widened-grammar prompt/plan rows (row i depends only on (wide_seed, i))
+    wide_seed: int = 1
+    augment: bool = True  # chatter, politeness, typos, casing on the wide rows (toyworld.augment)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -114,29 +124,66 @@ class JsonlCallback(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
 
 
+def training_rows(cfg: PlannerTrainConfig, ds) -> tuple[list[str], list[str]]:
+    """Prompts and plans to train on: the data set's train rows (or ``cfg.data_rows`` of them, seeded) followed
+    by ``cfg.wide_rows`` widened-grammar rows. The trainer shuffles."""
+    train = ds.filter(lambda s: s == "train", input_columns="split")
+    prompts, plans = list(train["prompt"]), list(train["plan"])
+    if cfg.data_rows is not None and cfg.data_rows < len(prompts):
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(prompts))[: cfg.data_rows])
+        prompts, plans = [prompts[i] for i in keep], [plans[i] for i in keep]
+    augment = AugmentConfig() if cfg.augment else None
+    for i in range(cfg.wide_rows):
+        row = make_prompt_example(cfg.wide_seed, i, augment)
+        prompts.append(row["prompt"])
+        plans.append(row["plan"])
+    return prompts, plans
+
+
+def planner_tokenizer(cfg: PlannerTrainConfig, ds):
+    """The run's tokenizer: the one saved in ``out/tokenizer``, else the ``init`` planner's, else a new BPE
+    trained on the data set's texts; saved to ``out/tokenizer`` so a resumed run uses the same one."""
+    from transformers import AutoTokenizer
+
+    tok_dir = Path(cfg.out) / "tokenizer"
+    if tok_dir.is_dir():
+        return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    if cfg.init:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init, local_files_only=True)
+    else:
+        tokenizer = train_bpe_tokenizer(list(ds["prompt"]) + list(ds["plan"]), cfg.vocab_size)
+    with atomic_dir(tok_dir) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    return tokenizer
+
+
+def initial_model(cfg: PlannerTrainConfig, tokenizer):
+    """The ``init`` planner's model in fp32 (shipped weights may be fp16), or a fresh `toy_llm`."""
+    if not cfg.init:
+        return toy_llm(tokenizer, cfg)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32, local_files_only=True)
+    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        raise ValueError(
+            f"planner {cfg.init} has {model.get_input_embeddings().weight.shape[0]} token embeddings, "
+            f"its tokenizer {len(tokenizer)} tokens: not a planner folder saved by this trainer"
+        )
+    return model
+
+
 def train_planner(cfg: PlannerTrainConfig) -> Path:
     """Train the toy planner (resuming from the last checkpoint in ``cfg.out/checkpoints``); returns final/."""
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    from toyworld.data import load_dataset_dir
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ds = load_dataset_dir(cfg.data)
-    train = ds.filter(lambda s: s == "train", input_columns="split")
-    tok_dir = out / "tokenizer"
-    if tok_dir.is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    else:
-        tokenizer = train_bpe_tokenizer(list(ds["prompt"]) + list(ds["plan"]), cfg.vocab_size)
-        with atomic_dir(tok_dir) as tmp:
-            tokenizer.save_pretrained(str(tmp))
-    model = toy_llm(tokenizer, cfg)
-    rows = sft_dataset(tokenizer, list(train["prompt"]), list(train["plan"]))
+    tokenizer = planner_tokenizer(cfg, ds)
+    model = initial_model(cfg, tokenizer)
+    rows = sft_dataset(tokenizer, *training_rows(cfg, ds))
     atomic_write_json(out / "config.json", asdict(cfg))
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
@@ -153,6 +200,8 @@ def train_planner(cfg: PlannerTrainConfig) -> Path:
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(),
+        bf16=False,  # TRL defaults to bf16 autocast: ~10x slower on CPUs without bf16 units, and the run is fp32
+        gradient_checkpointing=False,  # TRL's default; a 3.4M-parameter model does not need to save activations
         report_to="none",
         max_length=256,
         completion_only_loss=True,
@@ -224,10 +273,17 @@ def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpe
     }
 
 
+def metadata_prompts(path: str | Path) -> tuple[list[str], list[str]]:
+    """Prompts and canonical plans of a ShapesEval metadata file (every entry needs a ``plan``)."""
+    entries = read_metadata(path)
+    missing = [i for i, e in enumerate(entries) if "plan" not in e]
+    if missing:
+        raise ValueError(f"metadata {path}: entries {missing[:5]} have no 'plan' to score a planner against")
+    return [e["prompt"] for e in entries], [e["plan"] for e in entries]
+
+
 def eval_prompts(split: str, n: int, seed: int) -> tuple[list[str], list[str]]:
     """``n`` fresh prompts of ``split`` families with their canonical plans (not rows of a training set)."""
-    from toyworld.data import make_example
-
     prompts, plans = [], []
     i = 0
     while len(prompts) < n:

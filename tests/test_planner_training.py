@@ -3,12 +3,21 @@
 import json
 
 import pytest
+import torch
 
-from alignment.planner_sft import PlannerTrainConfig, eval_prompts, plan_metrics, train_bpe_tokenizer, train_planner
+from alignment.planner_sft import (
+    PlannerTrainConfig,
+    eval_prompts,
+    metadata_prompts,
+    plan_metrics,
+    train_bpe_tokenizer,
+    train_planner,
+    training_rows,
+)
 from planner.planner import Planner, PlanResult
 from planner.schema import PLANNING_TOKENS, Plan
 from toyworld import vocab as V
-from toyworld.data import build_dataset
+from toyworld.data import build_dataset, load_dataset_dir, make_prompt_example
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +72,45 @@ def test_plan_metrics_on_known_answers():
     assert m["exact_match"] == 0.0 and m["parse_rate"] == 0.0 and m["object_f1"] == 0.0
     shifted = right[1:] + right[:1]
     assert plan_metrics(shifted, gold, V.TOY_PLAN_SPEC)["exact_match"] < 1.0
+
+
+def test_sft_continues_from_init_with_wide_rows(tiny_data, tmp_path):
+    first = PlannerTrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path / "first"),
+        vocab_size=300,
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        intermediate_size=64,
+        epochs=1,
+        batch_size=16,
+        save_steps=100,
+        logging_steps=2,
+    )
+    init = train_planner(first)
+    cfg = PlannerTrainConfig(
+        **{**first.__dict__, "out": str(tmp_path / "cont"), "init": str(init), "data_rows": 16, "wide_rows": 32}
+    )
+    prompts, plans = training_rows(cfg, load_dataset_dir(tiny_data))
+    assert len(prompts) == len(plans) == 48
+    assert prompts[16:] == [make_prompt_example(cfg.wide_seed, i)["prompt"] for i in range(32)]
+    assert training_rows(cfg, load_dataset_dir(tiny_data)) == (prompts, plans)  # the subset is seeded
+    final = train_planner(cfg)
+    a, b = Planner.from_pretrained(init), Planner.from_pretrained(final)
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()  # the init planner's tokenizer, not a new one
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # trained on from the init weights
+    assert all(v.dtype == torch.float32 for v in wb.values())
+
+
+def test_metadata_prompts_score_a_metadata_file(tmp_path):
+    prompts, gold = metadata_prompts("toyworld/eval/data/handwritten.jsonl")
+    assert len(prompts) == len(gold) >= 45
+    right = [PlanResult(p, Plan.parse(g), g, [], "end") for p, g in zip(prompts, gold)]
+    assert plan_metrics(right, gold, V.TOY_PLAN_SPEC)["exact_match"] == 1.0
+    no_plan = tmp_path / "meta.jsonl"
+    no_plan.write_text(json.dumps({"tag": "single_object", "include": [{"class": "star"}], "prompt": "a star"}) + "\n")
+    with pytest.raises(ValueError, match="no 'plan'"):
+        metadata_prompts(no_plan)
