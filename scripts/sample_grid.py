@@ -17,7 +17,9 @@ from toyworld.vocab import TOY_PLAN_SPEC
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--pipelines", nargs="+", default=["native"], choices=["truth", "native", "bridge"])
+    p.add_argument(
+        "--pipelines", nargs="+", default=["native"], choices=["truth", "native", "native-layout", "bridge"]
+    )
     p.add_argument("--per-task", type=int, default=1, help="prompts per ShapesEval task (held-out families)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -36,6 +38,14 @@ if __name__ == "__main__":
 
         pipe = TextToImagePipeline(load_backbone(pretrained_path("base")))
         rows["native"] = pipe(prompts, seeds, sampler=args.sampler, guidance_scale=args.guidance).images
+    if "native-layout" in args.pipelines:
+        from diffusion_backbone.models import load_backbone
+        from llm_bridge.native_layout import NativeLayoutPipeline
+        from planner.planner import Planner
+
+        planner = Planner.from_pretrained(pretrained_path("planner"), spec=TOY_PLAN_SPEC)
+        pipe = NativeLayoutPipeline(planner, load_backbone(pretrained_path("base")), levels=(1,))
+        rows["native+layout"] = pipe(prompts, seeds, sampler=args.sampler, guidance_scale=args.guidance).images
     if "bridge" in args.pipelines:
         from llm_bridge.pipeline import Plan2ImgPipeline
 
