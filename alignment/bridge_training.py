@@ -24,7 +24,7 @@ from alignment.loop import EMA, EpochSampler, JsonlLogger, check_finite, warmup_
 from alignment.losses import ClipAlignmentHead, clip_alignment_loss, diffusion_loss, diffusion_target
 from alignment.stages import BridgeTrainConfig, StageConfig
 from diffusion_backbone.models import load_backbone
-from diffusion_backbone.sampling import unet_forward
+from diffusion_backbone.sampling import latent_shape, unet_forward
 from llm_bridge.bridge import LOW_RANK_DOWN, LOW_RANK_UP, LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.encoder import PlanEncoder, PlanStates
@@ -318,8 +318,7 @@ class BridgeTrainer:
         """Region masks of a batch's plans at the latent resolution (spatial injection on), else None."""
         if not self.cfg.spatial or plans is None:
             return None
-        size = self.backbone.unet.config.sample_size
-        return batch_region_masks(plans, (size, size) if isinstance(size, int) else tuple(size))
+        return batch_region_masks(plans, latent_shape(self.backbone.unet, 1)[2:])
 
     def run(self) -> list[Path]:
         cfg = self.cfg

@@ -24,7 +24,6 @@ from planner.tokens import add_planning_tokens, format_prompt
 from safeio import atomic_dir, atomic_write_json
 from toyworld.augment import AugmentConfig
 from toyworld.data import load_dataset_dir, make_example, make_prompt_example
-from toyworld.eval.metadata import read_metadata
 
 
 @dataclass
@@ -271,15 +270,6 @@ def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpe
         "field_f1": {f: float(np.mean(v)) for f, v in field_f1.items()},
         "object_f1": 2 * p * rec / (p + rec) if p + rec else 0.0,
     }
-
-
-def metadata_prompts(path: str | Path) -> tuple[list[str], list[str]]:
-    """Prompts and canonical plans of a ShapesEval metadata file (every entry needs a ``plan``)."""
-    entries = read_metadata(path)
-    missing = [i for i, e in enumerate(entries) if "plan" not in e]
-    if missing:
-        raise ValueError(f"metadata {path}: entries {missing[:5]} have no 'plan' to score a planner against")
-    return [e["prompt"] for e in entries], [e["plan"] for e in entries]
 
 
 def eval_prompts(split: str, n: int, seed: int) -> tuple[list[str], list[str]]:

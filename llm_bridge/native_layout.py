@@ -16,6 +16,7 @@ from diffusion_backbone.conditioning import Conditioning, Regions
 from diffusion_backbone.injection import has_routing, install_routing
 from diffusion_backbone.models import Backbone
 from diffusion_backbone.pipeline import GenerationOutput, generate_from_conditioning
+from diffusion_backbone.sampling import latent_shape
 from llm_bridge.layout import RegionGrid, batch_region_masks
 from planner.planner import Planner
 from planner.schema import Plan, PlanError
@@ -67,8 +68,7 @@ class NativeLayoutPipeline:
         """Global native tokens of each prompt, then each OBJECT entry's sub-prompt tokens in its region."""
         enc = self.backbone.text_encoder
         cond = enc.encode(prompts)
-        size = self.backbone.unet.config.sample_size
-        masks = batch_region_masks(plans, (size, size) if isinstance(size, int) else tuple(size), self.grid)
+        masks = batch_region_masks(plans, latent_shape(self.backbone.unet, 1)[2:], self.grid)
         if masks is None:
             return cond
         b, k = masks.shape[:2]

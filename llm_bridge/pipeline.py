@@ -27,7 +27,7 @@ from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.injection import has_routing, install_routing
 from diffusion_backbone.models import Backbone, load_backbone
 from diffusion_backbone.pipeline import seeded_generators
-from diffusion_backbone.sampling import decode_latents, sample
+from diffusion_backbone.sampling import decode_latents, latent_shape, sample
 from llm_bridge.bridge import LLMBridge, apply_delta
 from llm_bridge.encoder import PlanEncoder, PlanStates
 from llm_bridge.layout import RegionGrid, batch_region_masks
@@ -93,9 +93,7 @@ class Plan2ImgPipeline:
         """(B, K, h, w) region masks at the latent resolution, or None (spatial off, no plans, nothing placed)."""
         if not self.bridge.config.spatial or plan_texts is None:
             return None
-        size = self.backbone.unet.config.sample_size
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        return batch_region_masks(plan_texts, hw, self.grid)
+        return batch_region_masks(plan_texts, latent_shape(self.backbone.unet, 1)[2:], self.grid)
 
     # ----------------------------------------------------------------------------------- conditioning
     def native(self, prompts: list[str]) -> Conditioning | None:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from alignment.planner_sft import eval_prompts, metadata_prompts, plan_metrics
+from alignment.planner_sft import eval_prompts, plan_metrics
 from planner.planner import Planner
 from planner.schema import FIELDS
 from safeio import atomic_write_json, atomic_write_text
+from toyworld.eval.metadata import metadata_prompts
 from toyworld.vocab import TOY_PLAN_SPEC
 
 DECODINGS = ("constrained", "unconstrained")

@@ -8,7 +8,6 @@ import torch
 from alignment.planner_sft import (
     PlannerTrainConfig,
     eval_prompts,
-    metadata_prompts,
     plan_metrics,
     train_bpe_tokenizer,
     train_planner,
@@ -18,6 +17,7 @@ from planner.planner import Planner, PlanResult
 from planner.schema import PLANNING_TOKENS, Plan
 from toyworld import vocab as V
 from toyworld.data import build_dataset, load_dataset_dir, make_prompt_example
+from toyworld.eval.metadata import metadata_prompts
 
 
 @pytest.fixture(scope="module")
