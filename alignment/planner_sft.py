@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig
 from transformers import TrainerCallback
 
 from planner.planner import Planner, PlanResult
@@ -49,6 +50,8 @@ class PlannerTrainConfig:
     wide_rows: int = 0  # extra widened-grammar prompt/plan rows (row i depends only on (wide_seed, i))
     wide_seed: int = 1
     augment: bool = True  # chatter, politeness, typos, casing on the wide rows (toyworld.augment)
+    lora_rank: int = 0  # >0 (with init): train a peft LoRA adapter on every linear layer, saved as final/adapter
+    lora_alpha: float | None = None  # LoRA scale numerator (None: 2 * rank)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -213,11 +216,31 @@ def train_planner(cfg: PlannerTrainConfig) -> Path:
         train_dataset=rows,
         processing_class=tokenizer,
         callbacks=[JsonlCallback(out / "log.jsonl")],
+        peft_config=lora_config(cfg),
     )
     last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
     trainer.train(resume_from_checkpoint=last)
+    if cfg.lora_rank:
+        with atomic_dir(out / "final" / "adapter") as tmp:
+            trainer.model.save_pretrained(str(tmp))  # peft: adapter_config.json + adapter_model.safetensors
+        return out / "final" / "adapter"
     planner = Planner(trainer.model, tokenizer)
     return planner.save_pretrained(out / "final")
+
+
+def lora_config(cfg: PlannerTrainConfig) -> LoraConfig | None:
+    """The peft adapter of a LoRA run (every linear layer of the Llama blocks), or None for full fine-tuning."""
+    if not cfg.lora_rank:
+        return None
+    if not cfg.init:
+        raise ValueError("lora_rank needs init: a LoRA adapter fine-tunes a trained planner")
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ metrics

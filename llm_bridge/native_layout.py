@@ -4,10 +4,14 @@ The planner LLM writes the plan as usual, but the hidden-state bridge is not use
 text encoder's tokens of the whole prompt (global, acting everywhere) plus, for each OBJECT entry, the native
 tokens of a short sub-prompt for that entry ("two small blue squares"), confined to the entry's region by the
 same region masks and attention bias the bridge's spatial injection uses. Comparing it with the bridge shows
-what the LLM's hidden states add beyond the layout itself.
+what the LLM's hidden states add beyond the layout itself. With ``caption`` the global tokens say the plan's
+caption instead of the prompt (the planner as a prompt rewriter); with ``regions=False`` there are no
+sub-prompts, so ``caption`` + ``regions=False`` is native CLIP text on the planner's rewrite.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,6 +43,13 @@ def object_subprompt(text: str) -> str:
     return " ".join([NUMBER_WORDS.get(count, str(count)), *rest])
 
 
+def _caption_or_prompt(caption: Callable[[str], str], plan: str, prompt: str) -> str:
+    try:
+        return caption(plan)
+    except PlanError:  # a plan the caption function cannot say: the user's words
+        return prompt
+
+
 def _full_mask(c: Conditioning) -> torch.Tensor:
     return c.mask if c.mask is not None else torch.ones(c.tokens.shape[:2], dtype=torch.bool)
 
@@ -54,12 +65,16 @@ class NativeLayoutPipeline:
         grid: RegionGrid | None = None,
         strength: float = 1.0,
         levels: tuple[int, ...] | None = None,
+        regions: bool = True,
+        caption: Callable[[str], str] | None = None,
     ):
         if backbone.text_encoder is None:
             raise ValueError("native + layout needs the backbone's text encoder (load it with text_encoder=True)")
         self.planner, self.backbone = planner, backbone
         self.grid = grid or RegionGrid()
         self.strength, self.levels = strength, levels
+        self.regions = regions  # False: the global tokens only (with ``caption``: native CLIP on the plan's caption)
+        self.caption = caption  # plan text -> the text the global tokens say (None: the user's prompt)
         if not has_routing(backbone.unet):
             install_routing(backbone.unet)
         self._uncond: Conditioning | None = None
@@ -67,8 +82,10 @@ class NativeLayoutPipeline:
     def conditioning(self, prompts: list[str], plans: list[str]) -> Conditioning:
         """Global native tokens of each prompt, then each OBJECT entry's sub-prompt tokens in its region."""
         enc = self.backbone.text_encoder
+        if self.caption is not None:
+            prompts = [_caption_or_prompt(self.caption, plan, prompt) for prompt, plan in zip(prompts, plans)]
         cond = enc.encode(prompts)
-        masks = batch_region_masks(plans, latent_shape(self.backbone.unet, 1)[2:], self.grid)
+        masks = batch_region_masks(plans, latent_shape(self.backbone.unet, 1)[2:], self.grid) if self.regions else None
         if masks is None:
             return cond
         b, k = masks.shape[:2]

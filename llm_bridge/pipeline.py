@@ -11,12 +11,20 @@ LLM's states of the raw prompt (the no-planner ablation). A separate ``writer`` 
 while the bridge's own LLM reads them (e.g. a planner fine-tuned on wider English after the bridge was
 trained). With spatial injection on (the bridge's config, or
 `set_spatial` for training-free use), each plan's OBJECT positions become region masks (`llm_bridge.layout`).
+
+What the bridge reads (`read_texts`): by default the user's prompt followed by the plan. ``normalize_plan``
+rewrites each plan canonically first (the toy world: OBJECT entries in reading order, `toyworld.grammar.
+reading_order_plan`), and ``caption`` replaces the prompt by the plan said as a caption (`toyworld.grammar.
+plan_caption`) both in the LLM's context and, in ``concat`` mode, for the native text encoder: the conditioning
+then depends on the plan alone, so what the planner understood is all that reaches the U-Net, and the user's
+own wording (which the base model's text encoder may misread, e.g. an unseen sentence frame) does not.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +48,8 @@ class Plan2ImgOutput:
     images: np.ndarray  # (B, H, W, 3) uint8
     plans: list[PlanResult | None]  # the planner's result per image (None when conditioning on raw prompts)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over the call
+    plan_texts: list[str] | None = None  # the plans the bridge read (after ``normalize_plan``), None without plans
+    read: list[str] | None = None  # the text before each plan that the LLM (and, in concat, the native encoder) read
 
 
 class Plan2ImgPipeline:
@@ -52,10 +62,14 @@ class Plan2ImgPipeline:
         cache_size: int = 1024,
         grid: RegionGrid | None = None,
         writer: Planner | None = None,
+        caption: Callable[[str], str] | None = None,
+        normalize_plan: Callable[[str], str] | None = None,
     ):
         self.planner = planner
         self.writer = writer or planner  # writes the plans; ``planner``'s LLM always reads them (hidden states)
         self.grid = grid or RegionGrid()
+        self.caption = caption  # plan text -> the text the LLM and the native encoder read (None: the prompt)
+        self.normalize_plan = normalize_plan  # plan text -> the same plan, canonical (e.g. objects in reading order)
         self.bridge = bridge.eval()
         self.backbone = backbone
         self.encoder = PlanEncoder(planner.model, planner.tokenizer, bridge.config.layers)
@@ -100,6 +114,18 @@ class Plan2ImgPipeline:
         if self.bridge.config.mode != "concat":
             return None
         return self.backbone.text_encoder.encode(prompts)
+
+    def read_texts(self, prompts: list[str], plan_texts: list[str] | None) -> tuple[list[str], list[str] | None]:
+        """What the bridge reads for each image: (text before the plan, plan). With ``normalize_plan`` the plan is
+        rewritten first; with ``caption`` the text is the plan's caption instead of the user's prompt, so the
+        conditioning depends on the plan alone (a plan the caption function cannot say keeps the prompt)."""
+        if plan_texts is None:
+            return list(prompts), None
+        if self.normalize_plan is not None:
+            plan_texts = [_or_same(self.normalize_plan, p) for p in plan_texts]
+        if self.caption is None:
+            return list(prompts), plan_texts
+        return [_or(self.caption, plan, prompt) for prompt, plan in zip(prompts, plan_texts)], plan_texts
 
     def native_null(self) -> Conditioning | None:
         if self.bridge.config.mode != "concat":
@@ -176,11 +202,12 @@ class Plan2ImgPipeline:
                     f"prompt #{bad[0]}"
                 )
             plan_texts = [r.plan.to_text() for r in results]
+        read, plan_texts = self.read_texts(prompts, plan_texts)
         images = []
         for start in range(0, len(prompts), batch_size):
             sl = slice(start, start + batch_size)
             t0 = time.perf_counter()
-            states, native = self.plan_states(prompts[sl], None if plan_texts is None else plan_texts[sl])
+            states, native = self.plan_states(read[sl], None if plan_texts is None else plan_texts[sl])
             t1 = time.perf_counter()
             null = self.bridge.null_conditioning(len(states.mask), self.native_null())
             masks = self.region_masks(None if plan_texts is None else plan_texts[sl])
@@ -208,7 +235,7 @@ class Plan2ImgPipeline:
             timings["connector"] += t2 - t1
             timings["denoise"] += t3 - t2
             timings["decode"] += t4 - t3
-        return Plan2ImgOutput(np.concatenate(images), results, timings)
+        return Plan2ImgOutput(np.concatenate(images), results, timings, plan_texts, read)
 
     def as_generator(
         self, *, plan_source: str = "planner", sampler: str = "ddim", steps: int = 25, guidance_scale: float = 5.0
@@ -236,3 +263,14 @@ class Plan2ImgPipeline:
             return out.images
 
         return generate
+
+
+def _or(fn: Callable[[str], str], plan: str, fallback: str) -> str:
+    try:
+        return fn(plan)
+    except PlanError:  # e.g. a free-text plan the function cannot read: keep the fallback
+        return fallback
+
+
+def _or_same(fn: Callable[[str], str], plan: str) -> str:
+    return _or(fn, plan, plan)

@@ -51,19 +51,45 @@ def _spatial_settings(args) -> dict:
     return settings
 
 
+def _load_writer(args):
+    """The planner that writes the plans: ``--writer`` (a planner folder, or a LoRA adapter folder over the
+    ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner, else the reader."""
+    from planner.planner import Planner, is_adapter_dir
+    from toyworld.pretrained import PRETRAINED_DIR
+
+    writer = getattr(args, "writer", None)
+    if writer == "same":
+        return None
+    if writer is None:
+        shipped = PRETRAINED_DIR / "planner_wide"
+        if args.llm or not is_adapter_dir(shipped):
+            return None
+        writer = str(shipped)
+    kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
+    if is_adapter_dir(writer):
+        return Planner.from_pretrained(_pretrained("planner", args.llm), adapter=writer, **kwargs)
+    return Planner.from_pretrained(writer, **kwargs)
+
+
+def _reading(args) -> dict:
+    """What the bridge / native + layout read besides the plan (``--reads``): the plan's caption or the prompt."""
+    from toyworld.grammar import plan_caption, reading_order_plan
+
+    if getattr(args, "reads", "plan") == "prompt":
+        return {}
+    return {"caption": plan_caption, "normalize_plan": reading_order_plan}
+
+
 def _load_bridge_pipeline(args):
     from llm_bridge.bridge import LLMBridge
     from llm_bridge.pipeline import Plan2ImgPipeline
-    from planner.planner import Planner
 
-    writer = None
-    if getattr(args, "writer", None):
-        writer = Planner.from_pretrained(args.writer, load_in_8bit=args.load_in_8bit, spec=_toy_spec(args))
     pipe = Plan2ImgPipeline(
         _load_planner(args),
         LLMBridge.from_pretrained(_pretrained("bridge", args.bridge)),
         _load_base(args.model),
-        writer=writer,
+        writer=_load_writer(args),
+        **_reading(args),
     )
     settings = _spatial_settings(args)
     if settings:
@@ -71,13 +97,16 @@ def _load_bridge_pipeline(args):
     return pipe
 
 
-def _load_native_layout(args):
+def _load_native_layout(args, regions: bool = True):
     from llm_bridge.native_layout import NativeLayoutPipeline
 
-    planner = None if args.plan_source == "oracle" else _load_planner(args)
+    planner = None if args.plan_source == "oracle" else (_load_writer(args) or _load_planner(args))
     levels = None if args.region_levels is None else tuple(args.region_levels)
     strength = 1.0 if args.region_strength is None else args.region_strength
-    return NativeLayoutPipeline(planner, _load_base(args.model), strength=strength, levels=levels)
+    caption = _reading(args).get("caption")
+    return NativeLayoutPipeline(
+        planner, _load_base(args.model), strength=strength, levels=levels, regions=regions, caption=caption
+    )
 
 
 def _save_images(images, out: str) -> None:
@@ -169,10 +198,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         pipe = _load_bridge_pipeline(args)
         plans = [args.plan] * args.n if args.plan else None
         out = pipe([prompt] * args.n, seeds, plans=plans, use_planner=not args.no_planner, **kwargs)
-        if out.plans[0] is not None:
-            print(f"plan: {out.plans[0].plan.to_text()}")
-        elif args.plan:
-            print(f"plan: {args.plan}")
+        if out.plan_texts is not None:
+            print(f"plan: {out.plan_texts[0]}")
+            if out.read[0] != prompt:
+                print(f"reads: {out.read[0]}")
     _save_images(out.images, args.output)
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
     print(f"wrote {args.output} ({args.n} image(s); {timings}; {time.perf_counter() - t0:.2f}s since start)")
@@ -218,17 +247,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
             generate = TextToImagePipeline(_load_base(args.model)).as_generator(**sampling)
             title = f"ShapesEval native ({args.sampler}, {args.steps} steps, guidance {args.guidance})"
-        elif args.generate == "native-layout":
-            generate = _load_native_layout(args).as_generator(plan_source=args.plan_source, **sampling)
+        elif args.generate in ("native-layout", "native-plan"):
+            pipe = _load_native_layout(args, regions=args.generate == "native-layout")
+            generate = pipe.as_generator(plan_source=args.plan_source, **sampling)
+            what = "native + layout" if args.generate == "native-layout" else "native on the plan's caption"
             title = (
-                f"ShapesEval native + layout, plans: {args.plan_source} ({args.sampler}, {args.steps} steps, "
-                f"guidance {args.guidance})"
+                f"ShapesEval {what}, reads {args.reads}, plans: {args.plan_source} ({args.sampler}, "
+                f"{args.steps} steps, guidance {args.guidance})"
             )
         else:
             generate = _load_bridge_pipeline(args).as_generator(plan_source=args.plan_source, **sampling)
             title = (
-                f"ShapesEval bridge, plans: {args.plan_source} ({args.sampler}, {args.steps} steps, "
-                f"guidance {args.guidance})"
+                f"ShapesEval bridge, reads {args.reads}, plans: {args.plan_source} ({args.sampler}, "
+                f"{args.steps} steps, guidance {args.guidance})"
             )
         extra["spatial"] = _spatial_settings(args)
         extra.update(
@@ -237,6 +268,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             steps=args.steps,
             guidance=args.guidance,
             plan_source=args.plan_source,
+            reads=args.reads,
+            writer=args.writer,
         )
         results, images = score_generator(
             entries,
@@ -296,7 +329,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default=None, help="planner LLM folder, any local HF causal LM (default: shipped toy)")
     p.add_argument("--bridge", default=None, help="bridge folder (default: the shipped toy bridge)")
     p.add_argument(
-        "--writer", default=None, help="a second planner LLM that writes the plans (--llm still reads them)"
+        "--writer",
+        default=None,
+        help="the planner that writes the plans (--llm still reads them): a planner folder or a LoRA adapter over "
+        "--llm; 'same': --llm writes too (default: the shipped widened-grammar adapter with the shipped planner)",
+    )
+    p.add_argument(
+        "--reads",
+        choices=["plan", "prompt"],
+        default="plan",
+        help="plan: the LLM and the native encoder read the plan's caption, so only the plan reaches the U-Net; "
+        "prompt: they read your prompt before the plan (the behaviour up to v0.1)",
     )
     p.add_argument("--load-in-8bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own code (off: safer)")
@@ -377,9 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--generate",
-        choices=["native", "native-layout", "bridge"],
+        choices=["native", "native-layout", "native-plan", "bridge"],
         default=None,
-        help="generate with this pipeline (native-layout: CLIP text + per-object sub-prompts in the plan's regions)",
+        help="generate with this pipeline (native-layout: CLIP text + per-object sub-prompts in the plan's regions; "
+        "native-plan: CLIP text of the plan's caption, the planner as a prompt rewriter)",
     )
     ev.add_argument(
         "--plan-source",

@@ -90,8 +90,13 @@ class Planner:
         dtype: torch.dtype | None = None,
         spec: PlanSpec | None = None,
         trust_remote_code: bool = False,
+        adapter: str | Path | None = None,
     ) -> Planner:
-        """Load any local causal LM (``local_files_only``; remote code only if asked), optionally 8/4-bit."""
+        """Load any local causal LM (``local_files_only``; remote code only if asked), optionally 8/4-bit.
+
+        ``adapter``: a peft LoRA adapter folder (``adapter_config.json`` + safetensors) trained on this LM,
+        merged into the weights after loading (e.g. the toy planner's widened-grammar adapter).
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -115,6 +120,8 @@ class Planner:
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, ImportError) as err:
             raise PlannerLoadError(f"could not load a causal LM from {path}: {err}") from None
+        if adapter is not None:
+            model = _merge_adapter(model, Path(adapter))
         if device is not None and not (load_in_8bit or load_in_4bit):
             model = model.to(device)
         return cls(model, tokenizer, spec)
@@ -252,3 +259,20 @@ class Planner:
             else:
                 result.error = str(err)
         return result
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Is ``path`` a peft adapter folder (rather than a full model folder)?"""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _merge_adapter(model, adapter: Path):
+    from peft import PeftModel
+
+    if not is_adapter_dir(adapter):
+        raise PlannerLoadError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter), local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise PlannerLoadError(f"could not load the LoRA adapter {adapter}: {err}") from None
+    return merged.merge_and_unload()

@@ -27,10 +27,12 @@ Casing, typos, politeness and chatter are `toyworld.augment`, applied to trainin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from planner.schema import Plan
 from toyworld import vocab as V
 from toyworld.scene import SceneSpec, SpecDraw
 
@@ -264,23 +266,31 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("rel_ref_first_left", "relation", "{b}, and to the left of it {a}{m}", "left of"),
     _w("rel_ref_first_left_that", "relation", "{b}, and left of that {a}{m}", "left of"),
     _w("rel_mods_first_left", "relation", "{mp}{a} to the left of {b}", "left of"),
+    _w("rel_ref_with_to_its_left", "relation", "{b} with {a} to its left{m}", "left of"),
+    _w("rel_ref_has_left_of_it", "relation", "{b} that has {a} to the left of it{m}", "left of"),
     _w("rel_to_the_right_of", "relation", "{a} to the right of {b}{m}", "right of"),
     _w("rel_draw_right_of", "relation", "draw {a} right of {b}{m}", "right of"),
     _w("rel_ref_first_right", "relation", "{b}, and to the right of it {a}{m}", "right of"),
     _w("rel_ref_first_right_that", "relation", "{b}, and right of that {a}{m}", "right of"),
     _w("rel_mods_first_right", "relation", "{mp}{a} to the right of {b}", "right of"),
+    _w("rel_ref_with_to_its_right", "relation", "{b} with {a} to its right{m}", "right of"),
+    _w("rel_ref_has_right_of_it", "relation", "{b} that has {a} to the right of it{m}", "right of"),
     _w("rel_on_top_of", "relation", "{a} on top of {b}{m}", "above"),
     _w("rel_over", "relation", "{a} over {b}{m}", "above"),
     _w("rel_draw_above", "relation", "draw {a} above {b}{m}", "above"),
     _w("rel_ref_first_above", "relation", "{b}, and above it {a}{m}", "above"),
     _w("rel_ref_first_over", "relation", "{b}, and over it {a}{m}", "above"),
     _w("rel_mods_first_on_top", "relation", "{mp}{a} on top of {b}", "above"),
+    _w("rel_ref_with_above_it", "relation", "{b} with {a} above it{m}", "above"),
+    _w("rel_ref_with_on_top", "relation", "{b} with {a} on top of it{m}", "above"),
     _w("rel_under", "relation", "{a} under {b}{m}", "below"),
     _w("rel_beneath", "relation", "{a} beneath {b}{m}", "below"),
     _w("rel_draw_below", "relation", "draw {a} below {b}{m}", "below"),
     _w("rel_ref_first_below", "relation", "{b}, and below it {a}{m}", "below"),
     _w("rel_ref_first_beneath", "relation", "{b}, and beneath it {a}{m}", "below"),
     _w("rel_mods_first_under", "relation", "{mp}{a} under {b}", "below"),
+    _w("rel_ref_with_below_it", "relation", "{b} with {a} below it{m}", "below"),
+    _w("rel_ref_with_under_it", "relation", "{b} with {a} under it{m}", "below"),
     # counts of one kind of object
     _w("count_draw", "count", "draw {o}{m}"),
     _w("count_show_me", "count", "show me {o}{m}"),
@@ -450,3 +460,67 @@ def check_prompt(prompt: str, max_chars: int = 2000) -> str:
     if len(text) > max_chars:
         raise ValueError(f"prompt has {len(text)} characters (max {max_chars})")
     return text
+
+
+# The frame `plan_caption` says each kind of content in (training families: the words the base model knows).
+CAPTION_FAMILIES = {
+    "single": "single_bare",
+    "region": "region_suffix",
+    "pair": "pair_and",
+    "count": "count_words",
+    "mixed": "mixed_and",
+    "left of": "rel_left_of",
+    "above": "rel_above",
+}
+
+
+def plan_caption(plan, seed: int = 0) -> str:
+    """A toy plan said in the training grammar's plainest frames (every color stated), e.g. for the base model's
+    own text encoder: ``<OBJECT> 1 medium blue square at left <OBJECT> 1 medium red circle at right ...`` ->
+    ``a medium blue square left of a medium red circle``. Deterministic for a given ``seed``.
+
+    Two single objects side by side or stacked are said as a relation (the left or upper one first); other
+    layouts in mention order. Raises `PlanError` if the plan is not a drawable toy plan.
+    """
+    draw, family = caption_draw(plan)
+    return render_prompt(draw, family, np.random.default_rng(seed), p_optional=0.0, force=frozenset({"color"}))
+
+
+def caption_draw(plan) -> tuple[SpecDraw, TemplateFamily]:
+    """The spec of a toy plan (text or `Plan`) and the training family `plan_caption` says it with."""
+    if isinstance(plan, str):
+        plan = Plan.parse(plan, V.TOY_PLAN_SPEC)
+    spec = SceneSpec.from_plan(plan)
+    objects = spec.objects
+    relation = None
+    if len(objects) == 2 and all(o.count == 1 for o in objects):
+        where = {o.positions[0]: o for o in objects}
+        for first, second, rel in (("left", "right", "left of"), ("top", "bottom", "above")):
+            if set(where) == {first, second}:
+                spec = dataclasses.replace(spec, objects=(where[first], where[second]))
+                relation = rel
+    if relation is not None:
+        kind, name = "relation", CAPTION_FAMILIES[relation]
+    elif spec.n_instances == 1:
+        kind = "single" if objects[0].positions[0] == "center" else "region"
+        name = CAPTION_FAMILIES[kind]
+    else:
+        kind = "count" if len(objects) == 1 else "mixed"
+        name = CAPTION_FAMILIES[kind]
+    return SpecDraw(spec, kind, relation), next(f for f in FAMILIES if f.name == name)
+
+
+def reading_order_plan(plan) -> str:
+    """The same toy plan with its OBJECT entries in reading order (top to bottom, then left to right, by each
+    entry's first position), COLOR following; the scene it describes is unchanged. Raises `PlanError` if the
+    plan is not a drawable toy plan."""
+    if isinstance(plan, str):
+        plan = Plan.parse(plan, V.TOY_PLAN_SPEC)
+    spec = SceneSpec.from_plan(plan)
+
+    def key(o):
+        x, y = V.REGION_CENTERS[o.positions[0]]
+        return (y, x)
+
+    objects = tuple(sorted(spec.objects, key=key))
+    return dataclasses.replace(spec, objects=objects).to_plan().to_text()
