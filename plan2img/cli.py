@@ -153,7 +153,7 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
-    planner = _load_planner(args)
+    planner = _load_writer(args) or _load_planner(args)
     gen = torch.Generator().manual_seed(args.seed) if args.sample else None
     results = planner.plan(args.prompts, constrained=not args.unconstrained, do_sample=args.sample, generator=gen)
     failed = 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from alignment.planner_sft import eval_prompts, plan_metrics
-from planner.planner import Planner
+from planner.planner import Planner, is_adapter_dir
 from planner.schema import FIELDS
 from safeio import atomic_write_json, atomic_write_text
 from toyworld.eval.metadata import metadata_prompts
@@ -103,7 +103,13 @@ def table(reports: list[dict]) -> str:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--planner", nargs="+", default=["toyworld/pretrained/planner"], help="planner folder(s)")
+    p.add_argument(
+        "--planner",
+        nargs="+",
+        default=["toyworld/pretrained/planner"],
+        help="planner or LoRA adapter folder(s)",
+    )
+    p.add_argument("--base-planner", default="toyworld/pretrained/planner", help="the planner adapters are trained on")
     p.add_argument("--n", type=int, default=500, help="prompts per grammar split")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--splits", nargs="*", default=["heldout", "train"], choices=["heldout", "train"])
@@ -121,7 +127,10 @@ if __name__ == "__main__":
     sets = {} if args.latency_only else prompt_sets(args)
     reports = []
     for path in args.planner:
-        planner = Planner.from_pretrained(path, spec=TOY_PLAN_SPEC)
+        if is_adapter_dir(path):
+            planner = Planner.from_pretrained(args.base_planner, adapter=path, spec=TOY_PLAN_SPEC)
+        else:
+            planner = Planner.from_pretrained(path, spec=TOY_PLAN_SPEC)
         report = {"planner": path, **score(planner, sets, args.decoding)}
         if not args.no_latency:
             report["latency_ms_per_plan"] = latency_report(planner, args.seed)

@@ -3,6 +3,7 @@
     python scripts/ship.py base --src runs/unet/final --note "python scripts/train_base_unet.py ..."
     python scripts/ship.py planner --src runs/planner/final
     python scripts/ship.py bridge --src runs/bridge_ABC/stage-ABC
+    python scripts/ship.py planner_wide --src runs/planner_wide_lora/final/adapter   (a LoRA adapter folder)
 
 Every floating tensor of every .safetensors file is stored as fp16 (loaders compute in fp32); other files
 (configs, tokenizers) are copied. The drift this causes is measured by scripts/check_fp16.py.
@@ -66,7 +67,7 @@ def ship(name: str, src: Path, note: str, dtype: torch.dtype = torch.float16) ->
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("name", choices=["base", "planner", "bridge"])
+    p.add_argument("name", choices=["base", "planner", "planner_wide", "bridge"])
     p.add_argument("--src", required=True)
     p.add_argument("--note", default="", help="how it was trained (command, time)")
     args = p.parse_args()
