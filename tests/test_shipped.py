@@ -12,7 +12,7 @@ SIZE_BUDGET = 40 * 1024 * 1024  # all shipped weights together
 
 def test_manifest_lists_every_shipped_model_within_budget():
     manifest = json.loads((PRETRAINED_DIR / "MANIFEST.json").read_text())
-    for name in ("base", "planner", "bridge"):
+    for name in ("base", "planner", "planner_wide", "bridge"):
         assert name in manifest, f"{name} is not shipped"
         assert pretrained_path(name).is_dir()
         assert not list(pretrained_path(name).rglob("*.bin")), "pickled weights shipped"
@@ -32,3 +32,16 @@ def test_default_generate_plan_and_native(tmp_path, capsys):
         assert main(["generate", "two blue squares above a red star", "-o", str(out), "--steps", "3", *flags]) == 0
         img = np.asarray(Image.open(out).convert("RGB"))
         assert img.shape == (64, 64, 3) and img.std() > 0
+
+
+def test_shipped_writer_is_a_lora_adapter_over_the_shipped_planner():
+    from planner.planner import Planner, is_adapter_dir
+    from toyworld.vocab import TOY_PLAN_SPEC
+
+    adapter = pretrained_path("planner_wide")
+    assert is_adapter_dir(adapter) and not list(adapter.rglob("*.bin"))
+    writer = Planner.from_pretrained(pretrained_path("planner"), adapter=adapter, spec=TOY_PLAN_SPEC)
+    reader = Planner.from_pretrained(pretrained_path("planner"), spec=TOY_PLAN_SPEC)
+    ids = reader.tokenizer("a star with a circle to its left", return_tensors="pt").input_ids
+    assert not np.allclose(writer.model(ids).logits.detach(), reader.model(ids).logits.detach(), atol=1e-3)
+    assert writer.plan(["two blue squares above a red star"])[0].plan is not None
