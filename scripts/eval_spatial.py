@@ -3,6 +3,8 @@ regions): each variant is scored on the same ShapesEval prompts and seeds; print
 
     python scripts/eval_spatial.py --bridge toyworld/pretrained/bridge --limit-per-task 10 --n-per-prompt 1 \\
         --variants off "levels 1" "levels 1 strength 0.5" --out runs/spatial_free
+    python scripts/eval_spatial.py --plan-source oracle --reads plan --limit-per-task 20 --n-per-prompt 1 \\
+        --variants "levels all" off "strength 0.5" --out runs/spatial_oracle
 
 A variant is ``off`` or words ``strength S``, ``levels L [L ...]`` (or ``levels all``), ``tokens span|shared``,
 ``queries N``; every variant switches regions on. Resumable: a variant whose summary exists is not rerun.
@@ -17,11 +19,12 @@ import torch
 from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
-from planner.planner import Planner
+from planner.planner import Planner, is_adapter_dir
 from safeio import atomic_write_json, atomic_write_text
 from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, score_generator, write_report
 from toyworld.eval.scoring import summarize
+from toyworld.grammar import plan_caption, reading_order_plan
 from toyworld.pretrained import pretrained_path
 from toyworld.vocab import TOY_PLAN_SPEC
 
@@ -59,6 +62,8 @@ def main() -> None:
     ap.add_argument("--base", default=str(pretrained_path("base")))
     ap.add_argument("--variants", nargs="+", required=True)
     ap.add_argument("--plan-source", choices=["planner", "oracle"], default="planner")
+    ap.add_argument("--writer", default=None, help="planner folder or LoRA adapter over --planner that writes plans")
+    ap.add_argument("--reads", choices=["plan", "prompt"], default="plan", help="as plan2img eval --reads")
     ap.add_argument("--split", choices=["heldout", "train"], default="heldout")
     ap.add_argument("--limit-per-task", type=int, default=10)
     ap.add_argument("--n-per-prompt", type=int, default=1)
@@ -74,7 +79,13 @@ def main() -> None:
     out = Path(args.out)
     entries = limit_per_task(read_metadata(PACKAGE_METADATA[args.split]), args.limit_per_task)
     planner = Planner.from_pretrained(args.planner, spec=TOY_PLAN_SPEC)
-    pipe = Plan2ImgPipeline(planner, LLMBridge.from_pretrained(args.bridge), load_backbone(args.base))
+    writer = None
+    if args.writer:
+        adapter = args.writer if is_adapter_dir(args.writer) else None
+        writer = Planner.from_pretrained(args.planner if adapter else args.writer, adapter=adapter, spec=TOY_PLAN_SPEC)
+    reading = {"caption": plan_caption, "normalize_plan": reading_order_plan} if args.reads == "plan" else {}
+    bridge = LLMBridge.from_pretrained(args.bridge)
+    pipe = Plan2ImgPipeline(planner, bridge, load_backbone(args.base), writer=writer, **reading)
     trained = {k: getattr(pipe.bridge.config, k) for k in ("spatial", "region_strength", "region_levels",
                                                             "object_tokens", "object_queries")}  # fmt: skip
     report = {}

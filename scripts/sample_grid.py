@@ -8,10 +8,17 @@ import io
 
 import numpy as np
 
+from diffusion_backbone.models import load_backbone
+from diffusion_backbone.pipeline import TextToImagePipeline
+from llm_bridge.bridge import LLMBridge
+from llm_bridge.native_layout import NativeLayoutPipeline
+from llm_bridge.pipeline import Plan2ImgPipeline
+from planner.planner import Planner
 from safeio import atomic_write_bytes
 from toyworld.data import preview_grid
 from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, ground_truth_generator
+from toyworld.grammar import plan_caption, reading_order_plan
 from toyworld.pretrained import pretrained_path
 from toyworld.vocab import TOY_PLAN_SPEC
 
@@ -33,24 +40,23 @@ if __name__ == "__main__":
     if "truth" in args.pipelines:
         rows["truth"] = ground_truth_generator()(prompts, entries, seeds)
     if "native" in args.pipelines:
-        from diffusion_backbone.models import load_backbone
-        from diffusion_backbone.pipeline import TextToImagePipeline
-
         pipe = TextToImagePipeline(load_backbone(pretrained_path("base")))
         rows["native"] = pipe(prompts, seeds, sampler=args.sampler, guidance_scale=args.guidance).images
+    # the shipped chain as `plan2img generate` runs it: the widened-grammar adapter writes, the plan is read
+    writer = Planner.from_pretrained(
+        pretrained_path("planner"), adapter=pretrained_path("planner_wide"), spec=TOY_PLAN_SPEC
+    )
     if "native-layout" in args.pipelines:
-        from diffusion_backbone.models import load_backbone
-        from llm_bridge.native_layout import NativeLayoutPipeline
-        from planner.planner import Planner
-
-        planner = Planner.from_pretrained(pretrained_path("planner"), spec=TOY_PLAN_SPEC)
-        pipe = NativeLayoutPipeline(planner, load_backbone(pretrained_path("base")), levels=(1,))
+        pipe = NativeLayoutPipeline(writer, load_backbone(pretrained_path("base")), caption=plan_caption)
         rows["native+layout"] = pipe(prompts, seeds, sampler=args.sampler, guidance_scale=args.guidance).images
     if "bridge" in args.pipelines:
-        from llm_bridge.pipeline import Plan2ImgPipeline
-
-        pipe = Plan2ImgPipeline.from_pretrained(
-            pretrained_path("planner"), pretrained_path("bridge"), pretrained_path("base"), spec=TOY_PLAN_SPEC
+        pipe = Plan2ImgPipeline(
+            Planner.from_pretrained(pretrained_path("planner"), spec=TOY_PLAN_SPEC),
+            LLMBridge.from_pretrained(pretrained_path("bridge")),
+            load_backbone(pretrained_path("base")),
+            writer=writer,
+            caption=plan_caption,
+            normalize_plan=reading_order_plan,
         )
         rows["bridge"] = pipe(prompts, seeds, sampler=args.sampler, guidance_scale=args.guidance).images
     images, captions = [], []

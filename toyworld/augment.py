@@ -38,7 +38,7 @@ STRUCTURE_WORDS = frozenset(
     {
         *("left", "right", "above", "below", "under", "beneath", "over", "top", "bottom", "next", "beside"),
         *("side", "each", "other", "stacked", "vertically", "one", "and", "with", "plus", "also", "all"),
-        *("in", "of", "it", "that"),
+        *("in", "of", "it", "that", "its", "underneath", "near", "by", "close", "paired", "accompanied", "as", "well"),
     }
 )
 

@@ -16,9 +16,12 @@ objects), with synonyms for sizes, regions and scene fields (`WIDE_PHRASES`, add
 a seventh kind, ``stacked`` (two objects of one kind, "one on top of the other"). They are training families
 only and are left out of ``families()`` unless ``wide=True``, so data sets and metadata made with the original
 grammar stay the same row for row. They never reuse the distinctive phrases of the held-out frames
-(`HELDOUT_PHRASES`, checked by a test); plain one-word relation synonyms ("over", "under", "beneath", "beside",
-"next to", "on top of") are allowed because a held-out frame is a whole sentence shape ("{a} positioned over
-{b}", "{a} sitting underneath {b}"), not one word, and everyday English needs those words. Relation frames
+(`HELDOUT_PHRASES`, checked by a test); plain one-word relation synonyms ("over", "under", "beneath", "underneath",
+"beside", "next to", "on top of") are allowed because a held-out frame is a whole sentence shape ("{a} positioned
+over {b}", "{a} sitting underneath {b}"), not one word, and everyday English needs those words. Relation frames
+with a filler verb ("resting on top of", "standing left of", "located below") teach that a verb before the
+relation word does not change it; the verbs of the held-out frames ("positioned", "sitting", "placed") are
+not among them. Relation frames
 name the object being placed ``{a}`` and the reference ``{b}`` whatever the order of mention, and the relation
 word always says the family's own relation, so "{b}, and to the left of it {a}" gives the same plan as
 "{a} left of {b}" (the placed object first, as in the held-out "{b} with {a} on its left").
@@ -125,7 +128,9 @@ WIDE_PHRASES: dict[str, dict[str, list[str]]] = {
         "bottom": ["along the bottom", "at the bottom of the picture", "down at the bottom"],
         "bottom right": ["in the lower right", "in the bottom-right corner", "down in the bottom right"],
     },
-    "distractor": {"": ["keep it simple", "in a clean style", "simple style"]},
+    "distractor": {
+        "": ["keep it simple", "in a clean style", "simple style", "in a calm setting", "in a peaceful picture", "for fun"]
+    },
 }
 # Wide families join groups with any of these (the base families always say " and ").
 WIDE_JOINERS = [" and ", " and ", " and ", ", plus ", " with ", " and also "]
@@ -237,6 +242,10 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("single_drawing_of", "single", "a drawing of {o}{m}"),
     _w("single_mods_first", "single", "{mp}{o}"),
     _w("single_mods_first_draw", "single", "{mp}draw {o}"),
+    _w("single_id_love", "single", "i'd love {o}{m}"),
+    _w("single_i_need", "single", "i need {o}{m}"),
+    _w("single_could_you", "single", "could you make {o}{m}"),
+    _w("single_let_me_see", "single", "let me see {o}{m}"),
     # one object in a named region
     _w("region_draw", "region", "draw {o} {region}{m}"),
     _w("region_put", "region", "put {o} {region}{m}"),
@@ -260,6 +269,13 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("pair_plus", "pair", "{a}, plus {b}{m}"),
     _w("pair_mods_first", "pair", "{mp}{a} and {b}"),
     _w("pair_mods_first_next_to", "pair", "{mp}{a} next to {b}"),
+    _w("pair_near", "pair", "{a} near {b}{m}"),
+    _w("pair_by", "pair", "{a} by {b}{m}"),
+    _w("pair_close_to", "pair", "{a} close to {b}{m}"),
+    _w("pair_paired_with", "pair", "{a} paired with {b}{m}"),
+    _w("pair_as_well_as", "pair", "{a} as well as {b}{m}"),
+    _w("pair_accompanied", "pair", "{a} accompanied by {b}{m}"),
+    _w("pair_comma", "pair", "{a}, {b}{m}"),
     # spatial relations: {a} is the object placed, {b} the reference, in either order of mention
     _w("rel_to_the_left_of", "relation", "{a} to the left of {b}{m}", "left of"),
     _w("rel_draw_left_of", "relation", "draw {a} left of {b}{m}", "left of"),
@@ -268,6 +284,11 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("rel_mods_first_left", "relation", "{mp}{a} to the left of {b}", "left of"),
     _w("rel_ref_with_to_its_left", "relation", "{b} with {a} to its left{m}", "left of"),
     _w("rel_ref_has_left_of_it", "relation", "{b} that has {a} to the left of it{m}", "left of"),
+    _w("rel_ref_with_on_the_left_of_it", "relation", "{b} with {a} on the left of it{m}", "left of"),
+    _w("rel_ref_with_at_its_left", "relation", "{b} with {a} at its left{m}", "left of"),
+    _w("rel_ref_having_left_side", "relation", "{b} having {a} at its left side{m}", "left of"),
+    _w("rel_standing_left_of", "relation", "{a} standing left of {b}{m}", "left of"),
+    _w("rel_located_left_of", "relation", "{a} located to the left of {b}{m}", "left of"),
     _w("rel_to_the_right_of", "relation", "{a} to the right of {b}{m}", "right of"),
     _w("rel_draw_right_of", "relation", "draw {a} right of {b}{m}", "right of"),
     _w("rel_ref_first_right", "relation", "{b}, and to the right of it {a}{m}", "right of"),
@@ -275,6 +296,11 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("rel_mods_first_right", "relation", "{mp}{a} to the right of {b}", "right of"),
     _w("rel_ref_with_to_its_right", "relation", "{b} with {a} to its right{m}", "right of"),
     _w("rel_ref_has_right_of_it", "relation", "{b} that has {a} to the right of it{m}", "right of"),
+    _w("rel_ref_with_on_the_right_of_it", "relation", "{b} with {a} on the right of it{m}", "right of"),
+    _w("rel_ref_with_at_its_right", "relation", "{b} with {a} at its right{m}", "right of"),
+    _w("rel_ref_having_right_side", "relation", "{b} having {a} at its right side{m}", "right of"),
+    _w("rel_standing_right_of", "relation", "{a} standing right of {b}{m}", "right of"),
+    _w("rel_located_right_of", "relation", "{a} located to the right of {b}{m}", "right of"),
     _w("rel_on_top_of", "relation", "{a} on top of {b}{m}", "above"),
     _w("rel_over", "relation", "{a} over {b}{m}", "above"),
     _w("rel_draw_above", "relation", "draw {a} above {b}{m}", "above"),
@@ -283,6 +309,10 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("rel_mods_first_on_top", "relation", "{mp}{a} on top of {b}", "above"),
     _w("rel_ref_with_above_it", "relation", "{b} with {a} above it{m}", "above"),
     _w("rel_ref_with_on_top", "relation", "{b} with {a} on top of it{m}", "above"),
+    _w("rel_resting_on_top", "relation", "{a} resting on top of {b}{m}", "above"),
+    _w("rel_floating_over", "relation", "{a} floating over {b}{m}", "above"),
+    _w("rel_located_above", "relation", "{a} located above {b}{m}", "above"),
+    _w("rel_set_over", "relation", "{a} set over {b}{m}", "above"),
     _w("rel_under", "relation", "{a} under {b}{m}", "below"),
     _w("rel_beneath", "relation", "{a} beneath {b}{m}", "below"),
     _w("rel_draw_below", "relation", "draw {a} below {b}{m}", "below"),
@@ -291,6 +321,11 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("rel_mods_first_under", "relation", "{mp}{a} under {b}", "below"),
     _w("rel_ref_with_below_it", "relation", "{b} with {a} below it{m}", "below"),
     _w("rel_ref_with_under_it", "relation", "{b} with {a} under it{m}", "below"),
+    _w("rel_underneath", "relation", "{a} underneath {b}{m}", "below"),
+    _w("rel_ref_first_underneath", "relation", "{b}, and underneath it {a}{m}", "below"),
+    _w("rel_standing_beneath", "relation", "{a} standing beneath {b}{m}", "below"),
+    _w("rel_lying_under", "relation", "{a} lying under {b}{m}", "below"),
+    _w("rel_located_below", "relation", "{a} located below {b}{m}", "below"),
     # counts of one kind of object
     _w("count_draw", "count", "draw {o}{m}"),
     _w("count_show_me", "count", "show me {o}{m}"),
