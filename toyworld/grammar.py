@@ -129,7 +129,14 @@ WIDE_PHRASES: dict[str, dict[str, list[str]]] = {
         "bottom right": ["in the lower right", "in the bottom-right corner", "down in the bottom right"],
     },
     "distractor": {
-        "": ["keep it simple", "in a clean style", "simple style", "in a calm setting", "in a peaceful picture", "for fun"]
+        "": [
+            "keep it simple",
+            "in a clean style",
+            "simple style",
+            "in a calm setting",
+            "in a peaceful picture",
+            "for fun",
+        ]
     },
 }
 # Wide families join groups with any of these (the base families always say " and ").
