@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from alignment.prepared import DataPrepError, cached_split, folder_fingerprint
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.models import Backbone
 from diffusion_backbone.sampling import encode_images, images_to_tensor
@@ -42,29 +43,20 @@ class BridgeData:
         return Conditioning(self.native_tokens[idx].float(), self.native_mask[idx])
 
 
-def _fingerprint(*paths: Path) -> str:
-    h = hashlib.sha1()
-    for p in paths:
-        for f in sorted(Path(p).rglob("*.safetensors")):
-            h.update(str(f.resolve()).encode())
-            h.update(str(f.stat().st_size).encode())
-            h.update(str(int(f.stat().st_mtime)).encode())
-    return h.hexdigest()[:12]
-
-
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
 
 
 @torch.no_grad()
 def load_bridge_data(data: str | Path, backbone: Backbone, max_examples: int | None = None,
-                     progress: bool = True) -> BridgeData:  # fmt: skip
-    """Training rows of ``data`` with their base-model caches (built on first use)."""
-    from toyworld.data import cached_split
-
+                     progress: bool = True, min_rows: int = 1) -> BridgeData:  # fmt: skip
+    """Training rows of ``data`` (a prepared data set, `alignment.prepared`) with their base-model caches (built
+    on first use); fewer than ``min_rows`` rows (one batch) is an error, raised before any cache is built."""
     images, prompts, plans = cached_split(data, "train")
     n = len(prompts) if max_examples is None else min(max_examples, len(prompts))
-    path = Path(data) / "cache" / f"bridge-base-{_fingerprint(backbone.path)}.safetensors"
+    if n < min_rows:
+        raise DataPrepError(f"data set {data} has {n} training rows, fewer than one batch ({min_rows})")
+    path = Path(data) / "cache" / f"bridge-base-{folder_fingerprint(backbone.path)}.safetensors"
     if path.is_file():
         cache = load_file(str(path))
     else:
@@ -102,7 +94,7 @@ def load_bridge_data(data: str | Path, backbone: Backbone, max_examples: int | N
 def hidden_state_cache(encoder: PlanEncoder, data: BridgeData, planner_path: str | Path, use_planner: bool,
                        cache_dir: str | Path, batch_size: int = 64, progress: bool = True) -> PlanStates:  # fmt: skip
     """Plan-span states of every row under the encoder's layer selection (fp16), cached on disk."""
-    key = hashlib.sha1(f"{_fingerprint(Path(planner_path))}|{encoder.layers}|{use_planner}|{len(data)}|v2".encode())
+    key = hashlib.sha1(f"{folder_fingerprint(planner_path)}|{encoder.layers}|{use_planner}|{len(data)}|v2".encode())
     path = Path(cache_dir) / f"hidden-{key.hexdigest()[:12]}.safetensors"
     if path.is_file():
         c = load_file(str(path))

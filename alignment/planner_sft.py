@@ -2,8 +2,9 @@
 
 Supervised fine-tuning on prompt -> canonical plan uses TRL's `SFTTrainer` on a prompt-completion data set,
 so the loss is on the completion (the plan) only. Training resumes from the Trainer's last checkpoint.
-``--init`` continues from a trained planner (its weights and its tokenizer); ``--wide-rows`` adds prompt/plan
-rows of the widened grammar (`toyworld.data.make_prompt_example`, no images) to the data set's rows.
+``--init`` continues from a trained planner (its weights and its tokenizer); ``extra_rows`` (prompt, plan) pairs
+without images are added to the data set's rows (``scripts/train_planner.py --wide-rows`` hands in rows of the toy
+world's widened grammar).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,12 +21,11 @@ import torch
 from peft import LoraConfig
 from transformers import TrainerCallback
 
+from alignment.prepared import load_prepared
 from planner.planner import Planner, PlanResult
 from planner.schema import FIELDS, Plan, PlanError, PlanSpec
 from planner.tokens import add_planning_tokens, format_prompt
 from safeio import atomic_dir, atomic_write_json
-from toyworld.augment import AugmentConfig
-from toyworld.data import load_dataset_dir, make_example, make_prompt_example
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PlannerTrainConfig:
     threads: int | None = None
     init: str | None = None  # continue from this planner folder (weights + its tokenizer); None: from scratch
     data_rows: int | None = None  # a seeded random subset of the data set's train rows; None: all of them
+    # toy world only, read by scripts/train_planner.py (recorded here so config.json says how a run was made):
     wide_rows: int = 0  # extra widened-grammar prompt/plan rows (row i depends only on (wide_seed, i))
     wide_seed: int = 1
     augment: bool = True  # chatter, politeness, typos, casing on the wide rows (toyworld.augment)
@@ -126,19 +128,19 @@ class JsonlCallback(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
 
 
-def training_rows(cfg: PlannerTrainConfig, ds) -> tuple[list[str], list[str]]:
+def training_rows(
+    cfg: PlannerTrainConfig, ds, extra_rows: Sequence[tuple[str, str]] = ()
+) -> tuple[list[str], list[str]]:
     """Prompts and plans to train on: the data set's train rows (or ``cfg.data_rows`` of them, seeded) followed
-    by ``cfg.wide_rows`` widened-grammar rows. The trainer shuffles."""
+    by ``extra_rows``. The trainer shuffles."""
     train = ds.filter(lambda s: s == "train", input_columns="split")
     prompts, plans = list(train["prompt"]), list(train["plan"])
     if cfg.data_rows is not None and cfg.data_rows < len(prompts):
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(prompts))[: cfg.data_rows])
         prompts, plans = [prompts[i] for i in keep], [plans[i] for i in keep]
-    augment = AugmentConfig() if cfg.augment else None
-    for i in range(cfg.wide_rows):
-        row = make_prompt_example(cfg.wide_seed, i, augment)
-        prompts.append(row["prompt"])
-        plans.append(row["plan"])
+    for prompt, plan in extra_rows:
+        prompts.append(prompt)
+        plans.append(plan)
     return prompts, plans
 
 
@@ -174,18 +176,19 @@ def initial_model(cfg: PlannerTrainConfig, tokenizer):
     return model
 
 
-def train_planner(cfg: PlannerTrainConfig) -> Path:
-    """Train the toy planner (resuming from the last checkpoint in ``cfg.out/checkpoints``); returns final/."""
+def train_planner(cfg: PlannerTrainConfig, extra_rows: Sequence[tuple[str, str]] = ()) -> Path:
+    """Train the planner on a prepared data set's prompts and plans (plus ``extra_rows``), resuming from the last
+    checkpoint in ``cfg.out/checkpoints``; returns final/ (or final/adapter with ``lora_rank``)."""
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    ds = load_dataset_dir(cfg.data)
+    ds = load_prepared(cfg.data)
     tokenizer = planner_tokenizer(cfg, ds)
     model = initial_model(cfg, tokenizer)
-    rows = sft_dataset(tokenizer, *training_rows(cfg, ds))
+    rows = sft_dataset(tokenizer, *training_rows(cfg, ds, extra_rows))
     atomic_write_json(out / "config.json", asdict(cfg))
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
@@ -293,15 +296,3 @@ def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpe
         "field_f1": {f: float(np.mean(v)) for f, v in field_f1.items()},
         "object_f1": 2 * p * rec / (p + rec) if p + rec else 0.0,
     }
-
-
-def eval_prompts(split: str, n: int, seed: int) -> tuple[list[str], list[str]]:
-    """``n`` fresh prompts of ``split`` families with their canonical plans (not rows of a training set)."""
-    prompts, plans = [], []
-    i = 0
-    while len(prompts) < n:
-        row = make_example(seed, i, heldout_fraction=1.0 if split == "heldout" else 0.0)
-        prompts.append(row["prompt"])
-        plans.append(row["plan"])
-        i += 1
-    return prompts, plans

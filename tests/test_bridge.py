@@ -126,10 +126,11 @@ def test_stages_freeze_exactly_what_they_say(world, tmp_path):
             else:
                 expected = False
             assert p.requires_grad == expected, (stage.name, n)
-    # one step of stage C: frozen weights stay bit-identical, trained ones move
+    # two steps of stage C (the warmup's first step has learning rate 0, transformers' convention): frozen
+    # weights stay bit-identical, trained ones move
     before = {n: p.detach().clone() for n, p in named.items()}
     stage = trainer.cfg.stage_list()[2]
-    trainer._run_stage(2, stage, 0, 0, stop_at=1)
+    trainer._run_stage(2, stage, 0, 0, stop_at=2)
     trainable = {n for n, p in named.items() if p.requires_grad}
     for n, p in named.items():
         if n not in trainable:

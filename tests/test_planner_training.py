@@ -7,7 +7,6 @@ import torch
 
 from alignment.planner_sft import (
     PlannerTrainConfig,
-    eval_prompts,
     plan_metrics,
     train_bpe_tokenizer,
     train_planner,
@@ -16,7 +15,7 @@ from alignment.planner_sft import (
 from planner.planner import Planner, PlanResult
 from planner.schema import PLANNING_TOKENS, Plan
 from toyworld import vocab as V
-from toyworld.data import build_dataset, load_dataset_dir, make_prompt_example
+from toyworld.data import build_dataset, fresh_examples, load_dataset_dir, make_prompt_example, wide_rows
 from toyworld.eval.metadata import metadata_prompts
 
 
@@ -62,7 +61,7 @@ def test_bpe_tokenizer_has_atomic_planning_tokens():
 
 
 def test_plan_metrics_on_known_answers():
-    prompts, gold = eval_prompts("heldout", 4, seed=0)
+    prompts, gold = fresh_examples("heldout", 4, seed=0)
     right = [PlanResult(p, Plan.parse(g), g, [], "end") for p, g in zip(prompts, gold)]
     m = plan_metrics(right, gold, V.TOY_PLAN_SPEC)
     assert m["exact_match"] == 1.0 and m["parse_rate"] == 1.0 and m["object_f1"] == 1.0
@@ -92,11 +91,12 @@ def test_sft_continues_from_init_with_wide_rows(tiny_data, tmp_path):
     cfg = PlannerTrainConfig(
         **{**first.__dict__, "out": str(tmp_path / "cont"), "init": str(init), "data_rows": 16, "wide_rows": 32}
     )
-    prompts, plans = training_rows(cfg, load_dataset_dir(tiny_data))
+    extra = wide_rows(cfg.wide_rows, cfg.wide_seed)
+    prompts, plans = training_rows(cfg, load_dataset_dir(tiny_data), extra)
     assert len(prompts) == len(plans) == 48
     assert prompts[16:] == [make_prompt_example(cfg.wide_seed, i)["prompt"] for i in range(32)]
-    assert training_rows(cfg, load_dataset_dir(tiny_data)) == (prompts, plans)  # the subset is seeded
-    final = train_planner(cfg)
+    assert training_rows(cfg, load_dataset_dir(tiny_data), extra) == (prompts, plans)  # the subset is seeded
+    final = train_planner(cfg, extra)
     a, b = Planner.from_pretrained(init), Planner.from_pretrained(final)
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()  # the init planner's tokenizer, not a new one
     wa, wb = a.model.state_dict(), b.model.state_dict()
