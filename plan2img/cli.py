@@ -37,6 +37,8 @@ def _load_planner(args):
         load_in_8bit=args.load_in_8bit,
         spec=_toy_spec(args),
         trust_remote_code=args.trust_remote_code,
+        adapter=getattr(args, "adapter", None),
+        few_shot=getattr(args, "few_shot", False),
     )
 
 
@@ -53,7 +55,8 @@ def _spatial_settings(args) -> dict:
 
 def _load_writer(args):
     """The planner that writes the plans: ``--writer`` (a planner folder, or a LoRA adapter folder over the
-    ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner, else the reader."""
+    ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner (unless ``--llm`` or
+    ``--adapter`` is given), else the reader."""
     from planner.planner import Planner, is_adapter_dir
     from toyworld.pretrained import PRETRAINED_DIR
 
@@ -62,7 +65,7 @@ def _load_writer(args):
         return None
     if writer is None:
         shipped = PRETRAINED_DIR / "planner_wide"
-        if args.llm or not is_adapter_dir(shipped):
+        if args.llm or getattr(args, "adapter", None) or not is_adapter_dir(shipped):
             return None
         writer = str(shipped)
     kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
@@ -354,6 +357,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
     p.add_argument("--llm", default=None, help="planner LLM folder, any local HF causal LM (default: shipped toy)")
     p.add_argument("--bridge", default=None, help="bridge folder (default: the shipped toy bridge)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA adapter folder over --llm (scripts/train_planner.py --lora-rank), merged into the planner LLM",
+    )
+    p.add_argument(
+        "--few-shot", action="store_true", help="worked example plans before each request (an untrained instruct LM)"
+    )
     p.add_argument(
         "--writer",
         default=None,

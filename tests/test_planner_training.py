@@ -4,19 +4,25 @@ import json
 
 import pytest
 import torch
+from tiny_models import save_tiny_llm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.planner_sft import (
     PlannerTrainConfig,
+    initial_model,
     plan_metrics,
     train_bpe_tokenizer,
     train_planner,
     training_rows,
 )
+from plan2img.cli import main
 from planner.planner import Planner, PlanResult
 from planner.schema import PLANNING_TOKENS, Plan
 from toyworld import vocab as V
 from toyworld.data import build_dataset, fresh_examples, load_dataset_dir, make_prompt_example, wide_rows
 from toyworld.eval.metadata import metadata_prompts
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +120,46 @@ def test_metadata_prompts_score_a_metadata_file(tmp_path):
     no_plan.write_text(json.dumps({"tag": "single_object", "include": [{"class": "star"}], "prompt": "a star"}) + "\n")
     with pytest.raises(ValueError, match="no 'plan'"):
         metadata_prompts(no_plan)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_any_local_causal_lm_becomes_a_planner(tiny_data, tmp_path, lora):
+    """A Qwen2 LM without the planning tokens, fine-tuned fully or through LoRA (the new token rows train as peft
+    trainable tokens); the result loads as a planner folder or as an adapter over the original LM."""
+    raw = save_tiny_llm(tmp_path / "qwen", "qwen2", chat_template=CHAT_TEMPLATE)
+    assert "<IMG_BEGIN>" not in AutoTokenizer.from_pretrained(raw).get_vocab()
+    cfg = PlannerTrainConfig(
+        data=str(tiny_data), out=str(tmp_path / "run"), init=str(raw), epochs=1, batch_size=16, save_steps=100,
+        logging_steps=2, lr=5e-3, lora_rank=4 if lora else 0,
+    )  # fmt: skip
+    final = train_planner(cfg)
+    if lora:
+        assert (final / "adapter_config.json").is_file()
+        planner = Planner.from_pretrained(raw, adapter=final, spec=V.TOY_PLAN_SPEC)
+    else:
+        planner = Planner.from_pretrained(final, spec=V.TOY_PLAN_SPEC)
+    base = AutoModelForCausalLM.from_pretrained(raw).get_input_embeddings().weight
+    new = planner.tokenizer.convert_tokens_to_ids("<IMG_BEGIN>")
+    rows = planner.model.get_input_embeddings().weight
+    assert new >= base.shape[0] and not torch.allclose(rows[new], base.mean(0), atol=1e-6)  # the new row trained
+    assert planner.plan(["a red circle"])[0].plan is not None  # constrained decoding: it parses
+
+
+def test_8bit_training_needs_what_it_needs(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="load_in_8bit needs init"):
+        initial_model(PlannerTrainConfig(load_in_8bit=True), None)
+    if not torch.cuda.is_available():
+        cfg = PlannerTrainConfig(init=str(tmp_path), lora_rank=4, load_in_8bit=True)
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            initial_model(cfg, None)
+
+
+def test_cli_plans_with_an_adapter_over_a_local_llm(tiny_data, tmp_path, capsys):
+    raw = save_tiny_llm(tmp_path / "llama", "llama")
+    cfg = PlannerTrainConfig(
+        data=str(tiny_data), out=str(tmp_path / "run"), init=str(raw), epochs=1, batch_size=32, save_steps=100,
+        lora_rank=2,
+    )  # fmt: skip
+    adapter = train_planner(cfg)
+    assert main(["plan", "a red circle", "--llm", str(raw), "--adapter", str(adapter), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plan"].startswith("<IMG_BEGIN>")
