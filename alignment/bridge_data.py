@@ -1,4 +1,5 @@
-"""What bridge training reads, computed once and cached as safetensors beside the data set.
+"""What bridge training reads, computed once and cached beside the data set as shards of safetensors, read
+memory-mapped (`alignment.shards`), so a data set larger than RAM trains.
 
 - base cache (per base model): VAE latents of every training image, the frozen CLIP image embeddings (the
   alignment targets), the native text encoder's token states (for ``concat`` mode) and its unconditional
@@ -10,29 +11,33 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from alignment.prepared import DataPrepError, cached_split, folder_fingerprint
+from alignment.shards import ShardedColumn, ShardedTable, ShardWriter, is_finished
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.models import Backbone
 from diffusion_backbone.sampling import encode_images, images_to_tensor
 from llm_bridge.encoder import PlanEncoder, PlanStates
-from safeio import atomic_write_bytes
+from safeio import atomic_write_bytes, atomic_write_json
 
 
 @dataclass
 class BridgeData:
     prompts: list[str]
     plans: list[str]
-    latents: torch.Tensor  # (N, C, h, w) scaled VAE latents
-    clip_image: torch.Tensor  # (N, clip_dim) frozen CLIP image embeddings
-    native_tokens: torch.Tensor  # (N, T, d) native text states (fp16)
-    native_mask: torch.Tensor  # (N, T) bool
+    latents: ShardedColumn  # (N, C, h, w) scaled VAE latents
+    clip_image: ShardedColumn  # (N, clip_dim) frozen CLIP image embeddings
+    native_tokens: ShardedColumn  # (N, T, d) native text states (fp16)
+    native_mask: ShardedColumn  # (N, T) bool
     native_null: Conditioning  # (1, T, d): the native encoder on ""
 
     def __len__(self) -> int:
@@ -42,80 +47,105 @@ class BridgeData:
         return Conditioning(self.native_tokens[idx].float(), self.native_mask[idx])
 
 
-def _fingerprint(*paths: Path) -> str:
-    h = hashlib.sha1()
-    for p in paths:
-        for f in sorted(Path(p).rglob("*.safetensors")):
-            h.update(str(f.resolve()).encode())
-            h.update(str(f.stat().st_size).encode())
-            h.update(str(int(f.stat().st_mtime)).encode())
-    return h.hexdigest()[:12]
+class ShardedPlanStates:
+    """Cached plan states read row by row from a `ShardedTable`; `index` pads a batch to the cache's longest plan
+    (as one in-memory `PlanStates.cat` of all rows would)."""
+
+    NAMES = ("states", "mask", "field_ids", "object_ids")
+
+    def __init__(self, table: ShardedTable):
+        self.table = table
+        self.length = int(json.loads((table.folder / "plan_states.json").read_text())["max_tokens"])
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def index(self, idx) -> PlanStates:
+        rows = {name: self.table.rows(name, idx) for name in self.NAMES}
+
+        def padded(row: torch.Tensor, t_dim: int, value=0) -> torch.Tensor:
+            extra = self.length - row.shape[t_dim]
+            pad = [0, 0] * (-t_dim - 1) + [0, extra]
+            return F.pad(row, pad, value=value)
+
+        return PlanStates(
+            torch.stack([padded(r, -2) for r in rows["states"]]),
+            torch.stack([padded(r, -1, False) for r in rows["mask"]]),
+            torch.stack([padded(r, -1) for r in rows["field_ids"]]),
+            torch.stack([padded(r, -1) for r in rows["object_ids"]]),
+        )
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write_bytes(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+def _ones_mask(c: Conditioning) -> torch.Tensor:
+    return c.mask if c.mask is not None else torch.ones(c.tokens.shape[:2], dtype=torch.bool)
 
 
 @torch.no_grad()
-def load_bridge_data(data: str | Path, backbone: Backbone, max_examples: int | None = None,
-                     progress: bool = True) -> BridgeData:  # fmt: skip
-    """Training rows of ``data`` with their base-model caches (built on first use)."""
-    from toyworld.data import cached_split
+def _build_base_cache(folder: Path, backbone: Backbone, images, prompts: list[str], shard_rows: int,
+                      progress: bool) -> None:  # fmt: skip
+    enc = backbone.text_encoder
+    null = enc.encode([""])
+    null_bytes = safetensors_bytes({"tokens": null.tokens.float().contiguous(), "mask": _ones_mask(null)})
+    atomic_write_bytes(folder / "null.safetensors", null_bytes)
+    writer = ShardWriter(folder)
+    for start in tqdm(range(0, len(prompts), shard_rows), desc="caching latents / CLIP / text", disable=not progress):
+        stop = min(len(prompts), start + shard_rows)
+        c = enc.encode(prompts[start:stop])
+        writer.add(
+            {
+                "latents": encode_images(backbone.vae, images[start:stop]).float(),
+                "clip_image": enc.encode_image(images_to_tensor(images[start:stop])).float(),
+                "native_tokens": c.tokens.half(),
+                "native_mask": _ones_mask(c),
+            }
+        )
+    writer.finish()
 
+
+def load_bridge_data(data: str | Path, backbone: Backbone, max_examples: int | None = None,
+                     progress: bool = True, min_rows: int = 1, shard_rows: int = 1000) -> BridgeData:  # fmt: skip
+    """Training rows of ``data`` (a prepared data set, `alignment.prepared`) with their base-model caches: shards
+    of ``shard_rows`` rows under ``<data>/cache/bridge-base-<model fingerprint>/``, built on first use and read
+    memory-mapped. Fewer than ``min_rows`` rows (one batch) is an error, raised before any cache is built."""
     images, prompts, plans = cached_split(data, "train")
     n = len(prompts) if max_examples is None else min(max_examples, len(prompts))
-    path = Path(data) / "cache" / f"bridge-base-{_fingerprint(backbone.path)}.safetensors"
-    if path.is_file():
-        cache = load_file(str(path))
-    else:
-        enc = backbone.text_encoder
-        latents, clip_image, tokens, masks = [], [], [], []
-        for start in tqdm(range(0, len(prompts), 250), desc="caching latents / CLIP / text", disable=not progress):
-            stop = min(len(prompts), start + 250)
-            latents.append(encode_images(backbone.vae, images[start:stop]).float())
-            clip_image.append(enc.encode_image(images_to_tensor(images[start:stop])).float())
-            c = enc.encode(prompts[start:stop])
-            tokens.append(c.tokens.half())
-            masks.append(c.mask if c.mask is not None else torch.ones(c.tokens.shape[:2], dtype=torch.bool))
-        null = enc.encode([""])
-        cache = {
-            "latents": torch.cat(latents),
-            "clip_image": torch.cat(clip_image),
-            "native_tokens": torch.cat(tokens),
-            "native_mask": torch.cat(masks),
-            "null_tokens": null.tokens.float(),
-            "null_mask": null.mask if null.mask is not None else torch.ones(null.tokens.shape[:2], dtype=torch.bool),
-        }
-        _save(path, cache)
+    if n < min_rows:
+        raise DataPrepError(f"data set {data} has {n} training rows, fewer than one batch ({min_rows})")
+    folder = Path(data) / "cache" / f"bridge-base-{folder_fingerprint(backbone.path)}"
+    if not is_finished(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        _build_base_cache(folder, backbone, images, prompts, shard_rows, progress)
+    table = ShardedTable(folder)
+    null = load_file(str(folder / "null.safetensors"))
     return BridgeData(
         prompts=prompts[:n],
         plans=plans[:n],
-        latents=cache["latents"][:n],
-        clip_image=cache["clip_image"][:n],
-        native_tokens=cache["native_tokens"][:n],
-        native_mask=cache["native_mask"][:n],
-        native_null=Conditioning(cache["null_tokens"], cache["null_mask"]),
+        latents=table["latents"].head(n),
+        clip_image=table["clip_image"].head(n),
+        native_tokens=table["native_tokens"].head(n),
+        native_mask=table["native_mask"].head(n),
+        native_null=Conditioning(null["tokens"], null["mask"]),
     )
 
 
 @torch.no_grad()
 def hidden_state_cache(encoder: PlanEncoder, data: BridgeData, planner_path: str | Path, use_planner: bool,
-                       cache_dir: str | Path, batch_size: int = 64, progress: bool = True) -> PlanStates:  # fmt: skip
-    """Plan-span states of every row under the encoder's layer selection (fp16), cached on disk."""
-    key = hashlib.sha1(f"{_fingerprint(Path(planner_path))}|{encoder.layers}|{use_planner}|{len(data)}|v2".encode())
-    path = Path(cache_dir) / f"hidden-{key.hexdigest()[:12]}.safetensors"
-    if path.is_file():
-        c = load_file(str(path))
-        return PlanStates(c["states"], c["mask"], c["field_ids"], c["object_ids"])
-    parts = []
-    for start in tqdm(range(0, len(data), batch_size), desc="caching LLM states", disable=not progress):
-        stop = min(len(data), start + batch_size)
-        plans = data.plans[start:stop] if use_planner else None
-        s = encoder.encode(data.prompts[start:stop], plans)
-        parts.append(PlanStates(s.states.half(), s.mask, s.field_ids, s.object_ids))
-    states = PlanStates.cat(parts)
-    _save(
-        path,
-        {"states": states.states, "mask": states.mask, "field_ids": states.field_ids, "object_ids": states.object_ids},
-    )
-    return states
+                       cache_dir: str | Path, batch_size: int = 64,
+                       progress: bool = True) -> ShardedPlanStates:  # fmt: skip
+    """Plan-span states of every row under the encoder's layer selection (fp16), cached on disk as one shard
+    per batch and read memory-mapped."""
+    key = hashlib.sha1(f"{folder_fingerprint(planner_path)}|{encoder.layers}|{use_planner}|{len(data)}|v3".encode())
+    folder = Path(cache_dir) / f"hidden-{key.hexdigest()[:12]}"
+    if not is_finished(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        writer, longest = ShardWriter(folder), 0
+        for start in tqdm(range(0, len(data), batch_size), desc="caching LLM states", disable=not progress):
+            stop = min(len(data), start + batch_size)
+            plans = data.plans[start:stop] if use_planner else None
+            s = encoder.encode(data.prompts[start:stop], plans)
+            objects = s.object_ids if s.object_ids is not None else torch.zeros_like(s.field_ids)
+            writer.add({"states": s.states.half(), "mask": s.mask, "field_ids": s.field_ids, "object_ids": objects})
+            longest = max(longest, s.mask.shape[1])
+        atomic_write_json(folder / "plan_states.json", {"max_tokens": longest})
+        writer.finish()
+    return ShardedPlanStates(ShardedTable(folder))

@@ -15,14 +15,19 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.bridge_data import BridgeData, hidden_state_cache, load_bridge_data
 from alignment.loop import EMA, EpochSampler, JsonlLogger, check_finite, warmup_cosine
 from alignment.losses import ClipAlignmentHead, clip_alignment_loss, diffusion_loss, diffusion_target
 from alignment.stages import BridgeTrainConfig, StageConfig
+from diffusion_backbone.injection import time_embedding_dim
 from diffusion_backbone.models import load_backbone
 from diffusion_backbone.sampling import latent_shape, unet_forward
 from llm_bridge.bridge import LOW_RANK_DOWN, LOW_RANK_UP, LLMBridge
@@ -32,6 +37,14 @@ from llm_bridge.layout import batch_region_masks
 from safeio import atomic_dir, atomic_write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stage_generator(seed: int, stage_index: int) -> torch.Generator:
+    """The CPU generator of one stage's noise, timesteps and CFG dropout: its own stream per stage position.
+
+    CPU generators keep a run reproducible across devices (draws are moved to the model's device after).
+    """
+    return torch.Generator().manual_seed(seed * 7919 + 1_000_003 * (stage_index + 1))
 
 
 def llm_blocks(model) -> tuple[str, list[nn.Module]]:
@@ -103,8 +116,6 @@ class BridgeTrainer:
     """Builds everything from a `BridgeTrainConfig` and runs its curriculum."""
 
     def __init__(self, cfg: BridgeTrainConfig, progress: bool = True):
-        from accelerate import Accelerator
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.progress = cfg, progress
         if cfg.threads:
@@ -118,9 +129,9 @@ class BridgeTrainer:
         llm = AutoModelForCausalLM.from_pretrained(cfg.planner, local_files_only=True, dtype=DTYPES[cfg.llm_dtype])
         llm.requires_grad_(False).eval()
         self.encoder = PlanEncoder(llm, tok, cfg.layers)
-        self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, progress)
+        batch = max(stage.batch_size for stage in cfg.stage_list())
+        self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, progress, batch)
         unet = self.backbone.unet
-        from diffusion_backbone.injection import time_embedding_dim
 
         ccfg = ConnectorConfig.from_preset(
             cfg.connector,
@@ -151,7 +162,6 @@ class BridgeTrainer:
     # ---------------------------------------------------------------------------------------- structure
     def _inject_adapters(self) -> None:
         """Add every LoRA adapter any stage uses, up front (zero-initialised B: the identity until trained)."""
-        from peft import LoraConfig, inject_adapter_in_model
 
         stages = self.cfg.stage_list()
         llm_lora = [s for s in stages if "llm_top" in s.train and s.uses_lora("llm_top")]
@@ -257,7 +267,6 @@ class BridgeTrainer:
         """Save the bridge with the LLM / U-Net weights fine-tuned by stages ``0..upto`` (all by default): LoRA
         layers as their low-rank factors, fully trained weights as they are; frozen weights are left out (they
         equal the base)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         done = self.cfg.stage_list()[: None if upto is None else upto + 1]
         deltas = {}
@@ -341,81 +350,105 @@ class BridgeTrainer:
                 return exports
             self.export(folder, upto=si)
             exports.append(folder)
-            self.save_checkpoint(si + 1, 0, *self._fresh_state(cfg.stage_list()[min(si + 1, len(cfg.curriculum) - 1)]))
+            self.save_checkpoint(si + 1, 0, *self._fresh_state(min(si + 1, len(cfg.curriculum) - 1)))
         return exports
 
-    def _fresh_state(self, stage: StageConfig):
+    def _fresh_state(self, si: int):
+        """Optimizer, LR schedule, EMA and the noise/timestep/dropout generator of stage ``si``."""
+        stage = self.cfg.stage_list()[si]
         groups = self.configure_stage(stage)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, stage.steps, stage.warmup, stage.min_lr_ratio)
-        )
+        sched = warmup_cosine(opt, stage.steps, stage.warmup, stage.min_lr_ratio)
         ema = EMA(self.trainable_names(), stage.ema_decay, warmup=stage.ema_warmup)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + len(stage.name))
-        return opt, sched, ema, gen
+        return opt, sched, ema, stage_generator(self.cfg.seed, si)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models are (after ``accelerator.prepare``): every batch tensor is moved here."""
+        return next(self.backbone.unet.parameters()).device
+
+    def make_batch(self, stage: StageConfig, idx: torch.Tensor, gen: torch.Generator, states) -> dict:
+        """The keyword arguments of `BridgeTrainModule.forward` for rows ``idx``, on the models' device.
+
+        Noise, timesteps and CFG dropout are drawn from the stage's CPU generator, then moved, so a run gives
+        the same draws on any device.
+        """
+        data, dev = self.data, self.device
+        b = len(idx)
+        n_train_t = self.module.noise_scheduler.config.num_train_timesteps
+        drop = torch.rand(b, generator=gen) < stage.cfg_dropout
+        t = torch.randint(0, n_train_t, (b,), generator=gen)
+        noise = torch.randn(data.latents[idx].shape, generator=gen)
+        plans = [data.plans[i] for i in idx] if self.cfg.use_planner else None
+        masks = self.region_masks(plans)
+        return {
+            "prompts": [data.prompts[i] for i in idx],
+            "plans": plans,
+            "states": None if states is None else states.index(idx).to(dev, torch.float32),
+            "z0": data.latents[idx].to(dev),
+            "clip_image": data.clip_image[idx].to(dev),
+            "native": data.native(idx).to(dev) if self.cfg.mode == "concat" else None,
+            "native_null": data.native_null.to(dev),
+            "drop": drop.to(dev),
+            "t": t.to(dev),
+            "noise": noise.to(dev),
+            "stage": stage,
+            "region_masks": None if masks is None else masks.to(dev),
+        }
+
+    def _restore_stage(self, stage: StageConfig, opt, sched, ema: EMA, gen: torch.Generator) -> None:
+        folder = self.out / "checkpoint"
+        try:
+            opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            sched.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
+            ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+            rng = load_file(str(folder / "rng.safetensors"))
+            torch.set_rng_state(rng["torch"])
+            gen.set_state(rng["gen"])
+        except (OSError, KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(f"checkpoint {folder} does not match stage {stage.name}: {err}") from None
+
+    def _micro_step(self, module, opt, sched, stage: StageConfig, batch: dict, where: tuple[int, str]):
+        """Forward + backward of one micro-batch; the optimizer and LR schedule move only on the last one of an
+        accumulation window (accelerate skips them otherwise)."""
+        acc = self.accelerator
+        with acc.accumulate(module), acc.autocast():
+            losses = module(**batch)
+            check_finite(losses["total"], *where)
+            acc.backward(losses["total"])
+            if acc.sync_gradients:
+                acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], stage.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return losses
 
     def _run_stage(self, si: int, stage: StageConfig, start: int, offset: int, stop_at: int | None) -> bool:
+        """Run optimizer steps ``start..`` of stage ``si``; ``stage.steps`` counts optimizer steps, each of
+        ``grad_accum`` micro-batches. Returns whether the stage finished (not stopped by ``stop_at``)."""
         acc = self.accelerator
         acc.gradient_accumulation_steps = stage.grad_accum
-        opt, sched, ema, gen = self._fresh_state(stage)
-        folder = self.out / "checkpoint"
+        opt, sched, ema, gen = self._fresh_state(si)
         if start > 0:
-            try:
-                opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-                sched.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-                ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
-                rng = load_file(str(folder / "rng.safetensors"))
-                torch.set_rng_state(rng["torch"])
-                gen.set_state(rng["gen"])
-            except (OSError, KeyError, RuntimeError, ValueError) as err:
-                raise ValueError(f"checkpoint {folder} does not match stage {stage.name}: {err}") from None
+            self._restore_stage(stage, opt, sched, ema, gen)
         module, opt, sched = acc.prepare(self.module, opt, sched)
         states = self.hidden_states(stage)
-        data = self.data
-        sampler = EpochSampler(len(data), stage.batch_size, self.cfg.seed + 31 * si)
-        n_train_t = self.module.noise_scheduler.config.num_train_timesteps
+        sampler = EpochSampler(len(self.data), stage.batch_size, self.cfg.seed + 31 * si)
         self.module.train()
         self.backbone.unet.eval()  # no dropout in the frozen parts
         self.encoder.model.eval()
         end = stage.steps if stop_at is None else min(stage.steps, max(0, stop_at - offset))
         bar = tqdm(total=stage.steps, initial=start, desc=f"stage {stage.name}", disable=not self.progress)
         t_last = time.perf_counter()
-        for step in range(start, end):
-            idx = sampler.batch(step)
-            idx = idx[acc.process_index :: acc.num_processes]
-            b = len(idx)
-            drop = torch.rand(b, generator=gen) < stage.cfg_dropout
-            t = torch.randint(0, n_train_t, (b,), generator=gen)
-            noise = torch.randn(data.latents[idx].shape, generator=gen)
-            batch_states = None if states is None else states.index(idx).to(dtype=torch.float32)
-            plans = [data.plans[i] for i in idx] if self.cfg.use_planner else None
-            native = data.native(idx) if self.cfg.mode == "concat" else None
-            masks = self.region_masks(plans)
-            with acc.accumulate(module), acc.autocast():
-                losses = module(
-                    [data.prompts[i] for i in idx],
-                    plans,
-                    batch_states,
-                    data.latents[idx],
-                    data.clip_image[idx],
-                    native,
-                    data.native_null,
-                    drop,
-                    t,
-                    noise,
-                    stage,
-                    masks,
-                )
-                check_finite(
-                    losses["total"], offset + step, f"loss (stage {stage.name}, batch rows {idx[:6].tolist()}...)"
-                )
-                acc.backward(losses["total"])
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], stage.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            ema.update()
+        ga = stage.grad_accum
+        for micro in range(start * ga, end * ga):
+            step = micro // ga
+            idx = sampler.batch(micro)[acc.process_index :: acc.num_processes]
+            where = (offset + step, f"loss (stage {stage.name}, batch rows {idx[:6].tolist()}...)")
+            losses = self._micro_step(module, opt, sched, stage, self.make_batch(stage, idx, gen, states), where)
+            if not acc.sync_gradients:
+                continue
+            ema.update()  # once per optimizer step, not per micro-batch
             bar.update(1)
             if (step + 1) % self.cfg.log_every == 0:
                 now = time.perf_counter()

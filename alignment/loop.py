@@ -1,4 +1,4 @@
-"""Pieces every training loop here shares: JSONL metrics, LR schedules, EMA, exact-resume checkpoints.
+"""Pieces every training loop here shares: JSONL metrics, LR schedules, EMA (diffusers), exact-resume checkpoints.
 
 A checkpoint is a folder written atomically (temp folder + rename): model weights as safetensors, optimizer
 and LR-scheduler state via ``torch.save`` (read back with ``weights_only=True``), RNG states and the data
@@ -8,13 +8,14 @@ position in ``state.json``. Resuming from it continues the run bit for bit on th
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from safeio import atomic_dir
 
@@ -41,61 +42,73 @@ class JsonlLogger:
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float = 0.1):
+    """transformers' schedule: linear warmup from 0 over ``warmup`` steps, then cosine decay to ``min_ratio`` of
+    the peak at ``total`` (one ``step()`` per optimizer step)."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=min_ratio)
+
+
+class _FixedDecayEMA(EMAModel):
+    """diffusers' EMA at one decay from the first update on (``warmup=False``, the ablation)."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        return self.decay
 
 
 class EMA:
-    """Exponential moving average of a set of parameters (kept in fp32).
+    """Exponential moving average of named parameters: diffusers' `EMAModel`, keyed by name for checkpoints.
 
-    With ``warmup`` (the default) the decay of update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so a run much
-    shorter than ``1 / (1 - decay)`` steps exports (an average of) its trained weights rather than weights still
-    dominated by their initial values: with a fixed 0.999, 1,000 steps leave 37% of the initial weights in the
-    average. The update count is part of the state, so a resumed run continues the same schedule.
+    With ``warmup`` (the default) the decay of update ``n`` is EMAModel's ``min(decay, (1 + n) / (10 + n))`` (0
+    for the first update, which copies the weights), so a run much shorter than ``1 / (1 - decay)`` steps
+    exports (an average of) its trained weights rather than weights still dominated by their initial values:
+    with a fixed 0.999, 1,000 steps leave 37% of the initial weights in the average. The update count is part of
+    the state, so a resumed run continues the same schedule. Kept as a wrapper because our checkpoints store the
+    averages as named safetensors (EMAModel's own ``state_dict`` is a pickled list).
     """
 
     COUNT_KEY = "@num_updates"  # not a valid parameter name, so it cannot collide
 
     def __init__(self, params: dict[str, torch.nn.Parameter], decay: float = 0.999, warmup: bool = True):
-        self.decay = decay
-        self.warmup = warmup
         self.params = params
-        self.num_updates = 0
-        self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
+        self.names = list(params)
+        cls = EMAModel if warmup else _FixedDecayEMA
+        self.ema = cls([p.detach().float() for p in params.values()], decay=decay)
+
+    @property
+    def num_updates(self) -> int:
+        return self.ema.optimization_step
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """The averages by parameter name (fp32)."""
+        return dict(zip(self.names, self.ema.shadow_params))
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.ema.get_decay(self.ema.optimization_step + 1)
 
     @torch.no_grad()
     def update(self) -> None:
-        decay = self.current_decay()
-        for k, p in self.params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - decay)
-        self.num_updates += 1
+        """One update; call it once per optimizer step (not per gradient-accumulation micro-step)."""
+        self.ema.step(list(self.params.values()))  # EMAModel copies (not averages) params that need no grad
 
     @torch.no_grad()
     def copy_to(self, params: dict[str, torch.nn.Parameter] | None = None) -> None:
-        for k, p in (params or self.params).items():
-            p.copy_(self.shadow[k].to(p.dtype))
+        target = params or self.params
+        for name, avg in zip(self.names, self.ema.shadow_params):
+            target[name].copy_(avg.to(target[name].dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.shadow, self.COUNT_KEY: torch.tensor([self.num_updates], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(state)
+        missing = set(self.names) - set(state)
         if missing:
             raise ValueError(f"EMA state lacks {sorted(missing)[:5]}")
-        self.shadow = {k: state[k].float().clone() for k in self.shadow}
+        self.ema.shadow_params = [state[k].float().clone() for k in self.names]
         # checkpoints written before the count was saved: treat the warm-up as over (the old fixed decay)
         count = state.get(self.COUNT_KEY)
-        self.num_updates = int(count.item()) if count is not None else 10**9
+        self.ema.optimization_step = int(count.item()) if count is not None else 10**9
 
 
 @dataclass

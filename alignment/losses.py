@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 
@@ -23,18 +24,24 @@ def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample min-SNR-gamma weight (Hang et al. 2023) on diffusers' `compute_snr`: ``min(SNR, gamma) / SNR``
+    for epsilon targets, ``min(SNR, gamma) / (SNR + 1)`` for v targets; ones when ``gamma`` is 0."""
+    if gamma <= 0:
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    snr = compute_snr(scheduler, t).float()
+    if scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def diffusion_loss(
     pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None, scheduler=None, snr_gamma: float = 0.0
 ) -> torch.Tensor:
     """Mean squared error per sample, optionally min-SNR-gamma weighted, averaged over the batch."""
     per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
     if snr_gamma > 0:
-        ac = scheduler.alphas_cumprod.to(t.device)[t]
-        snr = ac / (1 - ac)
-        weight = torch.clamp(snr, max=snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
-        per_sample = per_sample * weight
+        per_sample = per_sample * min_snr_weight(scheduler, t, snr_gamma)
     return per_sample.mean()
 
 

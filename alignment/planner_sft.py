@@ -2,8 +2,9 @@
 
 Supervised fine-tuning on prompt -> canonical plan uses TRL's `SFTTrainer` on a prompt-completion data set,
 so the loss is on the completion (the plan) only. Training resumes from the Trainer's last checkpoint.
-``--init`` continues from a trained planner (its weights and its tokenizer); ``--wide-rows`` adds prompt/plan
-rows of the widened grammar (`toyworld.data.make_prompt_example`, no images) to the data set's rows.
+``--init`` continues from a trained planner (its weights and its tokenizer); ``extra_rows`` (prompt, plan) pairs
+without images are added to the data set's rows (``scripts/train_planner.py --wide-rows`` hands in rows of the toy
+world's widened grammar).
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig
-from transformers import TrainerCallback
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 
+from alignment.prepared import load_prepared
 from planner.planner import Planner, PlanResult
-from planner.schema import FIELDS, Plan, PlanError, PlanSpec
-from planner.tokens import add_planning_tokens, format_prompt
+from planner.schema import FIELDS, PLANNING_TOKENS, Plan, PlanError, PlanSpec
+from planner.tokens import add_planning_tokens, format_prompt, resize_with_mean_init
 from safeio import atomic_dir, atomic_write_json
-from toyworld.augment import AugmentConfig
-from toyworld.data import load_dataset_dir, make_example, make_prompt_example
 
 
 @dataclass
@@ -47,11 +48,13 @@ class PlannerTrainConfig:
     threads: int | None = None
     init: str | None = None  # continue from this planner folder (weights + its tokenizer); None: from scratch
     data_rows: int | None = None  # a seeded random subset of the data set's train rows; None: all of them
+    # toy world only, read by scripts/train_planner.py (recorded here so config.json says how a run was made):
     wide_rows: int = 0  # extra widened-grammar prompt/plan rows (row i depends only on (wide_seed, i))
     wide_seed: int = 1
     augment: bool = True  # chatter, politeness, typos, casing on the wide rows (toyworld.augment)
     lora_rank: int = 0  # >0 (with init): train a peft LoRA adapter on every linear layer, saved as final/adapter
     lora_alpha: float | None = None  # LoRA scale numerator (None: 2 * rank)
+    load_in_8bit: bool = False  # the init LM in 8-bit (bitsandbytes, CUDA), trained through LoRA (peft k-bit)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -126,32 +129,34 @@ class JsonlCallback(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
 
 
-def training_rows(cfg: PlannerTrainConfig, ds) -> tuple[list[str], list[str]]:
+def training_rows(
+    cfg: PlannerTrainConfig, ds, extra_rows: Sequence[tuple[str, str]] = ()
+) -> tuple[list[str], list[str]]:
     """Prompts and plans to train on: the data set's train rows (or ``cfg.data_rows`` of them, seeded) followed
-    by ``cfg.wide_rows`` widened-grammar rows. The trainer shuffles."""
+    by ``extra_rows``. The trainer shuffles."""
     train = ds.filter(lambda s: s == "train", input_columns="split")
     prompts, plans = list(train["prompt"]), list(train["plan"])
     if cfg.data_rows is not None and cfg.data_rows < len(prompts):
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(prompts))[: cfg.data_rows])
         prompts, plans = [prompts[i] for i in keep], [plans[i] for i in keep]
-    augment = AugmentConfig() if cfg.augment else None
-    for i in range(cfg.wide_rows):
-        row = make_prompt_example(cfg.wide_seed, i, augment)
-        prompts.append(row["prompt"])
-        plans.append(row["plan"])
+    for prompt, plan in extra_rows:
+        prompts.append(prompt)
+        plans.append(plan)
     return prompts, plans
 
 
 def planner_tokenizer(cfg: PlannerTrainConfig, ds):
-    """The run's tokenizer: the one saved in ``out/tokenizer``, else the ``init`` planner's, else a new BPE
-    trained on the data set's texts; saved to ``out/tokenizer`` so a resumed run uses the same one."""
-    from transformers import AutoTokenizer
-
+    """The run's tokenizer: the one saved in ``out/tokenizer``, else the ``init`` LM's with the planning tokens
+    added, else a new BPE trained on the data set's texts; saved to ``out/tokenizer`` so a resumed run uses the
+    same one."""
     tok_dir = Path(cfg.out) / "tokenizer"
     if tok_dir.is_dir():
         return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    if cfg.init:
+    if cfg.init:  # a planner saved here, or any local causal LM: the planning tokens are added if missing
         tokenizer = AutoTokenizer.from_pretrained(cfg.init, local_files_only=True)
+        add_planning_tokens(tokenizer)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     else:
         tokenizer = train_bpe_tokenizer(list(ds["prompt"]) + list(ds["plan"]), cfg.vocab_size)
     with atomic_dir(tok_dir) as tmp:
@@ -160,32 +165,50 @@ def planner_tokenizer(cfg: PlannerTrainConfig, ds):
 
 
 def initial_model(cfg: PlannerTrainConfig, tokenizer):
-    """The ``init`` planner's model in fp32 (shipped weights may be fp16), or a fresh `toy_llm`."""
+    """The ``init`` LM (fp32, or 8-bit with ``load_in_8bit``) with embedding rows for every token of
+    ``tokenizer`` (new rows = the mean of the old ones), or a fresh `toy_llm`."""
+    if cfg.load_in_8bit and not (cfg.init and cfg.lora_rank):
+        raise ValueError("load_in_8bit needs init (an existing LM) and lora_rank (8-bit weights train via LoRA)")
     if not cfg.init:
         return toy_llm(tokenizer, cfg)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32, local_files_only=True)
-    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        raise ValueError(
-            f"planner {cfg.init} has {model.get_input_embeddings().weight.shape[0]} token embeddings, "
-            f"its tokenizer {len(tokenizer)} tokens: not a planner folder saved by this trainer"
-        )
+    kwargs: dict = {"local_files_only": True}
+    if cfg.load_in_8bit:
+        if not torch.cuda.is_available():
+            raise ValueError("load_in_8bit needs a CUDA GPU (bitsandbytes 8-bit training); none is available")
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": 0})
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init, **kwargs)
+    except OSError as err:
+        raise ValueError(f"could not load a causal LM from init={cfg.init}: {err}") from None
+    resize_with_mean_init(model, len(tokenizer))
+    if cfg.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
-def train_planner(cfg: PlannerTrainConfig) -> Path:
-    """Train the toy planner (resuming from the last checkpoint in ``cfg.out/checkpoints``); returns final/."""
+def new_token_ids(cfg: PlannerTrainConfig, tokenizer) -> list[int]:
+    """Ids of the planning tokens the ``init`` LM's own tokenizer lacks (their rows must train under LoRA)."""
+    if not cfg.init:
+        return []
+    own = AutoTokenizer.from_pretrained(cfg.init, local_files_only=True).get_vocab()
+    return sorted(tokenizer.convert_tokens_to_ids(t) for t in PLANNING_TOKENS if t not in own)
+
+
+def train_planner(cfg: PlannerTrainConfig, extra_rows: Sequence[tuple[str, str]] = ()) -> Path:
+    """Train the planner on a prepared data set's prompts and plans (plus ``extra_rows``), resuming from the last
+    checkpoint in ``cfg.out/checkpoints``; returns final/ (or final/adapter with ``lora_rank``)."""
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    ds = load_dataset_dir(cfg.data)
+    ds = load_prepared(cfg.data)
     tokenizer = planner_tokenizer(cfg, ds)
     model = initial_model(cfg, tokenizer)
-    rows = sft_dataset(tokenizer, *training_rows(cfg, ds))
+    rows = sft_dataset(tokenizer, *training_rows(cfg, ds, extra_rows))
     atomic_write_json(out / "config.json", asdict(cfg))
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
@@ -216,31 +239,46 @@ def train_planner(cfg: PlannerTrainConfig) -> Path:
         train_dataset=rows,
         processing_class=tokenizer,
         callbacks=[JsonlCallback(out / "log.jsonl")],
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg, model, new_token_ids(cfg, tokenizer)),
     )
     last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
     trainer.train(resume_from_checkpoint=last)
     if cfg.lora_rank:
         with atomic_dir(out / "final" / "adapter") as tmp:
-            trainer.model.save_pretrained(str(tmp))  # peft: adapter_config.json + adapter_model.safetensors
+            # peft: adapter_config.json + adapter_model.safetensors. Not the whole resized embedding: the loader
+            # grows it with the same mean init, and the new rows are the adapter's trainable tokens
+            trainer.model.save_pretrained(str(tmp), save_embedding_layers=False)
+            tokenizer.save_pretrained(str(tmp))  # with the planning tokens: the base LM's own may lack them
         return out / "final" / "adapter"
     planner = Planner(trainer.model, tokenizer)
     return planner.save_pretrained(out / "final")
 
 
-def lora_config(cfg: PlannerTrainConfig) -> LoraConfig | None:
-    """The peft adapter of a LoRA run (every linear layer of the Llama blocks), or None for full fine-tuning."""
+def lora_config(cfg: PlannerTrainConfig, model=None, new_tokens: Sequence[int] = ()) -> LoraConfig | None:
+    """The peft adapter of a LoRA run (every linear layer but the output head), or None for full fine-tuning.
+    ``new_tokens`` (planning tokens the base LM lacked) train as peft trainable tokens in the input embedding,
+    so their rows are saved in the adapter."""
     if not cfg.lora_rank:
         return None
     if not cfg.init:
-        raise ValueError("lora_rank needs init: a LoRA adapter fine-tunes a trained planner")
+        raise ValueError("lora_rank needs init: a LoRA adapter fine-tunes an existing LM")
+    trainable = None
+    if new_tokens and model is not None:
+        # input rows only: TRL's fused loss reads the output head's attributes, which peft's wrapper hides; an
+        # untied head keeps its mean-initialised rows and the LoRA layers learn to reach them
+        trainable = {_module_name(model, model.get_input_embeddings()): list(new_tokens)}
     return LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules="all-linear",
+        trainable_token_indices=trainable,
         task_type="CAUSAL_LM",
     )
+
+
+def _module_name(model, module) -> str:
+    return next(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -293,15 +331,3 @@ def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpe
         "field_f1": {f: float(np.mean(v)) for f, v in field_f1.items()},
         "object_f1": 2 * p * rec / (p + rec) if p + rec else 0.0,
     }
-
-
-def eval_prompts(split: str, n: int, seed: int) -> tuple[list[str], list[str]]:
-    """``n`` fresh prompts of ``split`` families with their canonical plans (not rows of a training set)."""
-    prompts, plans = [], []
-    i = 0
-    while len(prompts) < n:
-        row = make_example(seed, i, heldout_fraction=1.0 if split == "heldout" else 0.0)
-        prompts.append(row["prompt"])
-        plans.append(row["plan"])
-        i += 1
-    return prompts, plans

@@ -102,8 +102,10 @@ class HFCLIPTextEncoder(TextEncoder):
         return self
 
     def save(self, folder: Path, dtype: torch.dtype | None = None) -> None:
-        model = self.model if dtype is None else self.model.to(dtype)
-        model.save_pretrained(str(Path(folder) / "text_encoder"), safe_serialization=True)
+        state = None  # a cast copy of the weights: casting the model itself would change the live encoder
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
+        self.model.save_pretrained(str(Path(folder) / "text_encoder"), state_dict=state, safe_serialization=True)
         self.tokenizer.save_pretrained(str(Path(folder) / "tokenizer"))
 
 

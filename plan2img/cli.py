@@ -37,6 +37,8 @@ def _load_planner(args):
         load_in_8bit=args.load_in_8bit,
         spec=_toy_spec(args),
         trust_remote_code=args.trust_remote_code,
+        adapter=getattr(args, "adapter", None),
+        few_shot=getattr(args, "few_shot", False),
     )
 
 
@@ -53,7 +55,8 @@ def _spatial_settings(args) -> dict:
 
 def _load_writer(args):
     """The planner that writes the plans: ``--writer`` (a planner folder, or a LoRA adapter folder over the
-    ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner, else the reader."""
+    ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner (unless ``--llm`` or
+    ``--adapter`` is given), else the reader."""
     from planner.planner import Planner, is_adapter_dir
     from toyworld.pretrained import PRETRAINED_DIR
 
@@ -62,7 +65,7 @@ def _load_writer(args):
         return None
     if writer is None:
         shipped = PRETRAINED_DIR / "planner_wide"
-        if args.llm or not is_adapter_dir(shipped):
+        if args.llm or getattr(args, "adapter", None) or not is_adapter_dir(shipped):
             return None
         writer = str(shipped)
     kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
@@ -139,6 +142,32 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     from toyworld.data import preview
 
     print(f"wrote {preview(args.out, data=args.data, n=args.n, seed=args.seed, columns=args.columns)}")
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from alignment.prepared import folder_fingerprint, prepare_dataset
+
+    planner, key = None, None
+    if args.plan_column is None:
+        planner = _load_writer(args) or _load_planner(args)
+        key = folder_fingerprint(args.writer or _pretrained("planner", args.llm))
+    out = prepare_dataset(
+        args.source,
+        args.out,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        plan_column=args.plan_column,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        heldout_fraction=args.heldout_fraction,
+        planner=planner,
+        planner_key=key,
+        spec=_toy_spec(args),
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    print(f"wrote prepared data set to {out}")
     return 0
 
 
@@ -329,6 +358,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default=None, help="planner LLM folder, any local HF causal LM (default: shipped toy)")
     p.add_argument("--bridge", default=None, help="bridge folder (default: the shipped toy bridge)")
     p.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA adapter folder over --llm (scripts/train_planner.py --lora-rank), merged into the planner LLM",
+    )
+    p.add_argument(
+        "--few-shot", action="store_true", help="worked example plans before each request (an untrained instruct LM)"
+    )
+    p.add_argument(
         "--writer",
         default=None,
         help="the planner that writes the plans (--llm still reads them): a planner folder or a LoRA adapter over "
@@ -368,6 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
     prev.add_argument("--seed", type=int, default=0)
     prev.add_argument("--columns", type=int, default=4)
     prev.set_defaults(func=_cmd_data_preview)
+    prep = data_sub.add_parser(
+        "prepare", help="your own images and captions -> the prepared training format (plans written if absent)"
+    )
+    prep.add_argument("source", help="a Parquet file, a `datasets` folder, or an image folder with metadata.jsonl")
+    prep.add_argument("--out", required=True, help="output folder (written atomically)")
+    prep.add_argument("--image-column", default="image")
+    prep.add_argument("--caption-column", default="text")
+    prep.add_argument("--plan-column", default=None, help="plans given in the data (default: the planner writes them)")
+    prep.add_argument("--resolution", type=int, default=64, help="square side in pixels")
+    prep.add_argument("--center-crop", action="store_true", help="centre crop (default: a seeded random crop)")
+    prep.add_argument("--heldout-fraction", type=float, default=0.0, help="share of rows marked split=heldout")
+    prep.add_argument("--batch-size", type=int, default=64, help="captions per planning batch")
+    prep.add_argument("--seed", type=int, default=0)
+    _add_model_args(prep)
+    prep.set_defaults(func=_cmd_data_prepare)
 
     meta = sub.add_parser("metadata", help="write ShapesEval evaluation_metadata.jsonl")
     meta.add_argument("--out", required=True)

@@ -21,7 +21,7 @@ import torch
 
 from planner.constrained import PlanConstraint, token_text_table
 from planner.schema import FIELDS, IMG_BEGIN, IMG_END, Plan, PlanError, PlanSpec, repair_plan
-from planner.tokens import add_planning_tokens, format_prompt
+from planner.tokens import add_planning_tokens, format_prompt, resize_with_mean_init
 
 MAX_PROMPT_CHARS = 4000  # longer prompts are an error: a plan request is a sentence, not a document
 MAX_PROMPT_TOKENS = 256  # prompts are truncated to this many tokens (documented; reported in warnings)
@@ -65,8 +65,9 @@ def check_prompts(prompts: list[str] | str) -> list[str]:
 
 
 class Planner:
-    def __init__(self, model, tokenizer, spec: PlanSpec | None = None):
+    def __init__(self, model, tokenizer, spec: PlanSpec | None = None, few_shot: bool = False):
         self.model = model.eval()
+        self.few_shot = few_shot  # worked examples before each request: for instruct LMs without planner training
         self.tokenizer = tokenizer
         missing = [t for t in (IMG_BEGIN, IMG_END) if t not in tokenizer.get_vocab()]
         if missing:
@@ -91,11 +92,14 @@ class Planner:
         spec: PlanSpec | None = None,
         trust_remote_code: bool = False,
         adapter: str | Path | None = None,
+        few_shot: bool = False,
     ) -> Planner:
         """Load any local causal LM (``local_files_only``; remote code only if asked), optionally 8/4-bit.
 
         ``adapter``: a peft LoRA adapter folder (``adapter_config.json`` + safetensors) trained on this LM,
-        merged into the weights after loading (e.g. the toy planner's widened-grammar adapter).
+        merged into the weights after loading (e.g. the toy planner's widened-grammar adapter); a tokenizer saved in
+        the adapter folder (planning tokens the LM lacked) replaces the LM's. ``few_shot``: worked example plans
+        before each request (`planner.tokens.FEW_SHOT_EXAMPLES`), for an instruct LM used without training.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,10 +125,13 @@ class Planner:
         except (OSError, ValueError, ImportError) as err:
             raise PlannerLoadError(f"could not load a causal LM from {path}: {err}") from None
         if adapter is not None:
+            if (Path(adapter) / "tokenizer_config.json").is_file():  # saved with its planning tokens
+                tokenizer = AutoTokenizer.from_pretrained(str(adapter), local_files_only=True)
+                resize_with_mean_init(model, len(tokenizer))  # rows the adapter's trainable tokens overwrite
             model = _merge_adapter(model, Path(adapter))
         if device is not None and not (load_in_8bit or load_in_4bit):
             model = model.to(device)
-        return cls(model, tokenizer, spec)
+        return cls(model, tokenizer, spec, few_shot)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Save model (safetensors) and tokenizer atomically."""
@@ -165,7 +172,7 @@ class Planner:
                 notes.append([f"prompt truncated from {len(ids)} to {MAX_PROMPT_TOKENS} tokens"])
             else:
                 notes.append([])
-            texts.append(format_prompt(self.tokenizer, p) + " " + IMG_BEGIN)
+            texts.append(format_prompt(self.tokenizer, p, self.few_shot) + " " + IMG_BEGIN)
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
         return enc, notes
 

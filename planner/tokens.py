@@ -17,6 +17,21 @@ SYSTEM_PROMPT = (
     "with the fields STYLE, LAYOUT, OBJECT (one per kind of object), COLOR, MATERIAL, LIGHTING, CAMERA."
 )
 PLAIN_TEMPLATE = "Request: {prompt}\nPlan:"
+# Worked examples for an instruct LM used without planner training (`format_prompt(..., few_shot=True)`): each a
+# request and the plan it should produce, in the default (free) vocabulary.
+FEW_SHOT_EXAMPLES = (
+    (
+        "a red circle on the left",
+        "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 1 object, left <OBJECT> 1 medium red circle at left "
+        "<COLOR> red <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>",
+    ),
+    (
+        "two small blue squares above a big yellow star, in dim light",
+        "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 3 objects, stacked "
+        "<OBJECT> 2 small blue square at top left, top right <OBJECT> 1 large yellow star at bottom "
+        "<COLOR> blue, yellow <MATERIAL> solid <LIGHTING> dim light <CAMERA> medium shot <IMG_END>",
+    ),
+)
 
 
 def add_planning_tokens(tokenizer, model=None) -> dict[str, int]:
@@ -54,12 +69,18 @@ def resize_with_mean_init(model, new_size: int) -> None:
             out.bias[old:] = out.bias[:old].mean()
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The text the planner sees before the plan; generation continues with ``<IMG_BEGIN>``."""
+def format_prompt(tokenizer, prompt: str, few_shot: bool = False) -> str:
+    """The text the planner sees before the plan; generation continues with ``<IMG_BEGIN>``. ``few_shot`` puts
+    `FEW_SHOT_EXAMPLES` before the request (as earlier chat turns, or earlier request/plan pairs)."""
+    examples = FEW_SHOT_EXAMPLES if few_shot else ()
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        for request, plan in examples:
+            messages += [{"role": "user", "content": request}, {"role": "assistant", "content": plan}]
+        messages.append({"role": "user", "content": prompt})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return PLAIN_TEMPLATE.format(prompt=prompt)
+    shots = "".join(PLAIN_TEMPLATE.format(prompt=request) + " " + plan + "\n\n" for request, plan in examples)
+    return shots + PLAIN_TEMPLATE.format(prompt=prompt)
 
 
 def prompt_with_plan_start(tokenizer, prompt: str) -> str:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from alignment.planner_sft import eval_prompts, plan_metrics
+from alignment.planner_sft import plan_metrics
 from planner.planner import Planner, is_adapter_dir
 from planner.schema import FIELDS
 from safeio import atomic_write_json, atomic_write_text
+from toyworld.data import fresh_examples
 from toyworld.eval.metadata import metadata_prompts
 from toyworld.vocab import TOY_PLAN_SPEC
 
@@ -42,7 +43,7 @@ def model_bytes(model) -> int:
 
 def prompt_sets(args) -> dict[str, tuple[list[str], list[str]]]:
     """Name -> (prompts, gold plans): the grammar splits, then each metadata file under its file stem."""
-    sets = {split: eval_prompts(split, args.n, args.seed) for split in args.splits}
+    sets = {split: fresh_examples(split, args.n, args.seed) for split in args.splits}
     for path in args.metadata:
         sets[Path(path).stem] = metadata_prompts(path)
     return sets
@@ -59,7 +60,7 @@ def score(planner: Planner, sets: dict, decodings: list[str]) -> dict:
 
 
 def latency_report(planner: Planner, seed: int) -> dict:
-    prompts, _ = eval_prompts("heldout", 64, seed + 1)
+    prompts, _ = fresh_examples("heldout", 64, seed + 1)
     return {
         "batch_1": latency_ms(planner, prompts, 1),
         "batch_1_unconstrained": latency_ms(planner, prompts, 1, constrained=False),
@@ -72,7 +73,7 @@ def int8_report(planner: Planner, path: str, seed: int) -> dict:
     fp32_bytes = model_bytes(planner.model)
     try:
         q = Planner.from_pretrained(path, spec=TOY_PLAN_SPEC, load_in_8bit=True, device="cpu")
-        prompts, _ = eval_prompts("heldout", 200, seed + 2)
+        prompts, _ = fresh_examples("heldout", 200, seed + 2)
         a = [r.text for r in planner.plan(prompts, batch_size=32)]
         b = [r.text for r in q.plan(prompts, batch_size=32)]
         return {

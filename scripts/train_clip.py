@@ -7,9 +7,9 @@ import json
 
 from alignment.args import parse_config
 from alignment.base.clip import CLIPTrainConfig, retrieval_accuracy, train_clip
+from alignment.prepared import cached_split
 from diffusion_backbone.text_encoders import OpenCLIPTextEncoder
 from safeio import atomic_write_json
-from toyworld.data import cached_split
 
 if __name__ == "__main__":
     cfg = parse_config(CLIPTrainConfig, description=__doc__)

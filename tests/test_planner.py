@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from planner.constrained import Choice, ObjectSentence, PlanConstraint, field_grammars
 from planner.planner import MAX_PROMPT_TOKENS, Planner, PlannerLoadError
 from planner.schema import IMG_BEGIN, PLANNING_TOKENS, Plan, PlanSpec
-from planner.tokens import add_planning_tokens, format_prompt
+from planner.tokens import FEW_SHOT_EXAMPLES, add_planning_tokens, format_prompt
 from toyworld import vocab as V
 
 CHAT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
@@ -173,3 +173,15 @@ def test_8bit_loading_plans_on_cpu(tmp_path):
     assert r.plan is not None and r.plan.is_valid(int8.spec)
     with pytest.raises(ValueError, match="one of"):
         Planner.from_pretrained(folder, load_in_8bit=True, load_in_4bit=True)
+
+
+def test_few_shot_examples_are_valid_plans_and_reach_the_prompt(tmp_path):
+    for _, plan in FEW_SHOT_EXAMPLES:
+        assert Plan.parse(plan).to_text() == plan and Plan.parse(plan, V.TOY_PLAN_SPEC)
+    chat = tiny_bpe_tokenizer(chat_template=CHAT)
+    plain = tiny_bpe_tokenizer()
+    for tok in (chat, plain):
+        shots, bare = format_prompt(tok, "a star", few_shot=True), format_prompt(tok, "a star")
+        assert shots.endswith(bare[-12:]) and all(p in shots for _, p in FEW_SHOT_EXAMPLES) and "<OBJECT>" not in bare
+    planner = Planner.from_pretrained(save_tiny_llm(tmp_path / "q", "qwen2", chat_template=CHAT), few_shot=True)
+    assert planner.plan(["a star"])[0].plan is not None

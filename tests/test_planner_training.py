@@ -4,20 +4,25 @@ import json
 
 import pytest
 import torch
+from tiny_models import save_tiny_llm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.planner_sft import (
     PlannerTrainConfig,
-    eval_prompts,
+    initial_model,
     plan_metrics,
     train_bpe_tokenizer,
     train_planner,
     training_rows,
 )
+from plan2img.cli import main
 from planner.planner import Planner, PlanResult
 from planner.schema import PLANNING_TOKENS, Plan
 from toyworld import vocab as V
-from toyworld.data import build_dataset, load_dataset_dir, make_prompt_example
+from toyworld.data import build_dataset, fresh_examples, load_dataset_dir, make_prompt_example, wide_rows
 from toyworld.eval.metadata import metadata_prompts
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,7 @@ def test_bpe_tokenizer_has_atomic_planning_tokens():
 
 
 def test_plan_metrics_on_known_answers():
-    prompts, gold = eval_prompts("heldout", 4, seed=0)
+    prompts, gold = fresh_examples("heldout", 4, seed=0)
     right = [PlanResult(p, Plan.parse(g), g, [], "end") for p, g in zip(prompts, gold)]
     m = plan_metrics(right, gold, V.TOY_PLAN_SPEC)
     assert m["exact_match"] == 1.0 and m["parse_rate"] == 1.0 and m["object_f1"] == 1.0
@@ -92,11 +97,12 @@ def test_sft_continues_from_init_with_wide_rows(tiny_data, tmp_path):
     cfg = PlannerTrainConfig(
         **{**first.__dict__, "out": str(tmp_path / "cont"), "init": str(init), "data_rows": 16, "wide_rows": 32}
     )
-    prompts, plans = training_rows(cfg, load_dataset_dir(tiny_data))
+    extra = wide_rows(cfg.wide_rows, cfg.wide_seed)
+    prompts, plans = training_rows(cfg, load_dataset_dir(tiny_data), extra)
     assert len(prompts) == len(plans) == 48
     assert prompts[16:] == [make_prompt_example(cfg.wide_seed, i)["prompt"] for i in range(32)]
-    assert training_rows(cfg, load_dataset_dir(tiny_data)) == (prompts, plans)  # the subset is seeded
-    final = train_planner(cfg)
+    assert training_rows(cfg, load_dataset_dir(tiny_data), extra) == (prompts, plans)  # the subset is seeded
+    final = train_planner(cfg, extra)
     a, b = Planner.from_pretrained(init), Planner.from_pretrained(final)
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()  # the init planner's tokenizer, not a new one
     wa, wb = a.model.state_dict(), b.model.state_dict()
@@ -114,3 +120,46 @@ def test_metadata_prompts_score_a_metadata_file(tmp_path):
     no_plan.write_text(json.dumps({"tag": "single_object", "include": [{"class": "star"}], "prompt": "a star"}) + "\n")
     with pytest.raises(ValueError, match="no 'plan'"):
         metadata_prompts(no_plan)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_any_local_causal_lm_becomes_a_planner(tiny_data, tmp_path, lora):
+    """A Qwen2 LM without the planning tokens, fine-tuned fully or through LoRA (the new token rows train as peft
+    trainable tokens); the result loads as a planner folder or as an adapter over the original LM."""
+    raw = save_tiny_llm(tmp_path / "qwen", "qwen2", chat_template=CHAT_TEMPLATE)
+    assert "<IMG_BEGIN>" not in AutoTokenizer.from_pretrained(raw).get_vocab()
+    cfg = PlannerTrainConfig(
+        data=str(tiny_data), out=str(tmp_path / "run"), init=str(raw), epochs=1, batch_size=16, save_steps=100,
+        logging_steps=2, lr=5e-3, lora_rank=4 if lora else 0,
+    )  # fmt: skip
+    final = train_planner(cfg)
+    if lora:
+        assert (final / "adapter_config.json").is_file()
+        planner = Planner.from_pretrained(raw, adapter=final, spec=V.TOY_PLAN_SPEC)
+    else:
+        planner = Planner.from_pretrained(final, spec=V.TOY_PLAN_SPEC)
+    base = AutoModelForCausalLM.from_pretrained(raw).get_input_embeddings().weight
+    new = planner.tokenizer.convert_tokens_to_ids("<IMG_BEGIN>")
+    rows = planner.model.get_input_embeddings().weight
+    assert new >= base.shape[0] and not torch.allclose(rows[new], base.mean(0), atol=1e-6)  # the new row trained
+    assert planner.plan(["a red circle"])[0].plan is not None  # constrained decoding: it parses
+
+
+def test_8bit_training_needs_what_it_needs(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="load_in_8bit needs init"):
+        initial_model(PlannerTrainConfig(load_in_8bit=True), None)
+    if not torch.cuda.is_available():
+        cfg = PlannerTrainConfig(init=str(tmp_path), lora_rank=4, load_in_8bit=True)
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            initial_model(cfg, None)
+
+
+def test_cli_plans_with_an_adapter_over_a_local_llm(tiny_data, tmp_path, capsys):
+    raw = save_tiny_llm(tmp_path / "llama", "llama")
+    cfg = PlannerTrainConfig(
+        data=str(tiny_data), out=str(tmp_path / "run"), init=str(raw), epochs=1, batch_size=32, save_steps=100,
+        lora_rank=2,
+    )  # fmt: skip
+    adapter = train_planner(cfg)
+    assert main(["plan", "a red circle", "--llm", str(raw), "--adapter", str(adapter), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plan"].startswith("<IMG_BEGIN>")

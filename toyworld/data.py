@@ -166,27 +166,25 @@ def images_array(ds, indices=None) -> np.ndarray:
     return np.stack([np.asarray(x) for x in sub["image"]])
 
 
-def cached_split(path: str | Path, split: str = "train") -> tuple[np.ndarray, list[str], list[str]]:
-    """Images (N, 64, 64, 3) uint8, prompts and plans of one split, decoded once and cached beside the data set.
+def fresh_examples(split: str, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """``n`` fresh prompts of ``split`` (``heldout`` / ``train``) families with their canonical plans (not rows of a
+    built data set): the planner's evaluation prompts."""
+    prompts, plans = [], []
+    i = 0
+    while len(prompts) < n:
+        row = make_example(seed, i, heldout_fraction=1.0 if split == "heldout" else 0.0)
+        prompts.append(row["prompt"])
+        plans.append(row["plan"])
+        i += 1
+    return prompts, plans
 
-    The image cache is ``<data set>/images_<split>.npy`` (plain numpy, loaded memory-mapped, no pickle).
-    """
-    path = Path(path)
-    ds = load_dataset_dir(path)
-    rows = [i for i, s in enumerate(ds["split"]) if s == split]
-    if not rows:
-        raise ValueError(f"data set {path} has no rows of split {split!r}")
-    cache = path / f"images_{split}.npy"
-    if not cache.is_file():
-        images = images_array(ds, rows)
-        buf = io.BytesIO()
-        np.save(buf, images, allow_pickle=False)
-        atomic_write_bytes(cache, buf.getvalue())
-    images = np.load(cache, mmap_mode="r", allow_pickle=False)
-    if images.shape[0] != len(rows):
-        raise ValueError(f"image cache {cache} has {images.shape[0]} rows, the split has {len(rows)}: delete it")
-    sub = ds.select(rows)
-    return images, list(sub["prompt"]), list(sub["plan"])
+
+def wide_rows(n: int, seed: int = 1, augment: bool = True) -> list[tuple[str, str]]:
+    """``n`` (prompt, plan) rows of the widened training grammar, with `augment_prompt` noise unless ``augment``
+    is off; row ``i`` depends only on ``(seed, i)``."""
+    config = AugmentConfig() if augment else None
+    rows = [make_prompt_example(seed, i, config) for i in range(n)]
+    return [(r["prompt"], r["plan"]) for r in rows]
 
 
 def preview_grid(images: list[np.ndarray], captions: list[str], columns: int = 4, scale: int = 3) -> Image.Image:

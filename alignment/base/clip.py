@@ -25,6 +25,7 @@ from alignment.loop import (
     save_checkpoint,
     warmup_cosine,
 )
+from alignment.prepared import cached_split, load_prepared
 from diffusion_backbone.sampling import images_to_tensor
 from diffusion_backbone.text_encoders import OpenCLIPTextEncoder
 from diffusion_backbone.toy import toy_clip_config
@@ -84,11 +85,9 @@ def clip_loss(
 
 
 def make_encoder(data: str, seed: int) -> OpenCLIPTextEncoder:
-    from toyworld.data import load_dataset_dir
-
     cfg = toy_clip_config()
     cfg.pop("custom_text", None)
-    ds = load_dataset_dir(data)
+    ds = load_prepared(data)
     tokenizer = build_word_tokenizer(list(ds["prompt"]), cfg["text_cfg"]["context_length"])
     if len(tokenizer) > cfg["text_cfg"]["vocab_size"]:
         raise ValueError(
@@ -102,8 +101,6 @@ def make_encoder(data: str, seed: int) -> OpenCLIPTextEncoder:
 
 def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
     """Train (resuming from ``cfg.out/checkpoint``); returns the folder holding text_encoder/ and tokenizer/."""
-    from toyworld.data import cached_split
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -119,7 +116,7 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.max_steps, cfg.warmup))
+    sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     sampler = EpochSampler(len(images), cfg.batch_size, cfg.seed)
     logger = JsonlLogger(out / "log.jsonl")
     state = TrainState()

@@ -28,6 +28,8 @@ from alignment.loop import (
     save_checkpoint,
     warmup_cosine,
 )
+from alignment.losses import min_snr_weight
+from alignment.prepared import cached_split
 from diffusion_backbone.models import Backbone, save_backbone
 from diffusion_backbone.sampling import encode_images
 from diffusion_backbone.text_encoders import OpenCLIPTextEncoder
@@ -73,8 +75,6 @@ class UNetTrainConfig:
 @torch.no_grad()
 def build_cache(cfg: UNetTrainConfig, vae, enc: OpenCLIPTextEncoder) -> dict[str, torch.Tensor]:
     """Latents (N, 4, h, w), text states (N, T, d), masks (N, T), and the empty prompt's states."""
-    from toyworld.data import cached_split
-
     path = Path(cfg.out) / "cache.safetensors"
     if path.is_file():
         return load_file(str(path))
@@ -98,15 +98,6 @@ def build_cache(cfg: UNetTrainConfig, vae, enc: OpenCLIPTextEncoder) -> dict[str
     return cache
 
 
-def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR(t), gamma) / SNR(t) for epsilon prediction (1 when gamma is 0)."""
-    if gamma <= 0:
-        return torch.ones_like(t, dtype=torch.float32)
-    ac = scheduler.alphas_cumprod.to(t.device)[t]
-    snr = ac / (1 - ac)
-    return torch.clamp(snr, max=gamma) / snr
-
-
 def train_unet(cfg: UNetTrainConfig, progress: bool = True) -> Path:
     """Train (resuming from ``cfg.out/checkpoint``); returns the exported base folder ``cfg.out/final``."""
     from diffusers import AutoencoderKL
@@ -124,7 +115,7 @@ def train_unet(cfg: UNetTrainConfig, progress: bool = True) -> Path:
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     params = {n: p for n, p in unet.named_parameters()}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.max_steps, cfg.warmup))
+    sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     ema = EMA(params, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     sampler = EpochSampler(len(latents), cfg.batch_size, cfg.seed)

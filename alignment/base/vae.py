@@ -23,6 +23,7 @@ from alignment.loop import (
     save_checkpoint,
     warmup_cosine,
 )
+from alignment.prepared import cached_split
 from diffusion_backbone.sampling import images_to_tensor
 from diffusion_backbone.toy import toy_vae
 from safeio import atomic_dir, atomic_write_json
@@ -61,8 +62,6 @@ def object_weight(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
 
 def train_vae(cfg: VAETrainConfig, progress: bool = True) -> Path:
     """Train (resuming from ``cfg.out/checkpoint`` if present); returns the final VAE folder."""
-    from toyworld.data import cached_split
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -70,7 +69,7 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     vae = toy_vae(tuple(cfg.block_out_channels), cfg.latent_channels)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.max_steps, cfg.warmup))
+    sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     sampler = EpochSampler(len(images), cfg.batch_size, cfg.seed)
     logger = JsonlLogger(out / "log.jsonl")
