@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -121,7 +121,10 @@ class BridgeTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not cuda)
+        # some trainable parameters get no gradient in a given step (the learned null when no row is dropped, the
+        # alignment head at weight 0), which DDP must be told about
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not cuda, kwargs_handlers=[ddp])
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out)
         self.backbone = load_backbone(cfg.base)
@@ -130,7 +133,14 @@ class BridgeTrainer:
         llm.requires_grad_(False).eval()
         self.encoder = PlanEncoder(llm, tok, cfg.layers)
         batch = max(stage.batch_size for stage in cfg.stage_list())
-        self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, progress, batch)
+        for stage in cfg.stage_list():
+            if stage.batch_size % self.accelerator.num_processes:
+                raise ValueError(
+                    f"stage {stage.name}: batch_size {stage.batch_size} (the global batch) does not split evenly "
+                    f"over {self.accelerator.num_processes} processes"
+                )
+        with self.accelerator.main_process_first():  # one process builds the caches, the others read them
+            self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, progress, batch)
         unet = self.backbone.unet
 
         ccfg = ConnectorConfig.from_preset(
@@ -236,6 +246,12 @@ class BridgeTrainer:
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, stage_index: int, step: int, opt, sched, ema: EMA, gen: torch.Generator) -> None:
+        """Write the checkpoint (the main process; the others wait for it)."""
+        if self.accelerator.is_main_process:
+            self._write_checkpoint(stage_index, step, opt, sched, ema, gen)
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, stage_index: int, step: int, opt, sched, ema: EMA, gen: torch.Generator) -> None:
         with atomic_dir(self.out / "checkpoint") as tmp:
             params = {
                 n: p.detach().contiguous() for n, p in self.module.named_parameters() if n in self.checkpoint_names
@@ -313,14 +329,15 @@ class BridgeTrainer:
         if "llm_top" in stage.train or not self.cfg.cache_hidden or self.cfg.layers == "learned":
             return None
         if self.states is None:
-            self.states = hidden_state_cache(
-                self.encoder,
-                self.data,
-                self.cfg.planner,
-                self.cfg.use_planner,
-                Path(self.cfg.data) / "cache",
-                progress=self.progress,
-            )
+            with self.accelerator.main_process_first():
+                self.states = hidden_state_cache(
+                    self.encoder,
+                    self.data,
+                    self.cfg.planner,
+                    self.cfg.use_planner,
+                    Path(self.cfg.data) / "cache",
+                    progress=self.progress,
+                )
         return self.states
 
     def region_masks(self, plans: list[str] | None) -> torch.Tensor | None:
@@ -331,9 +348,11 @@ class BridgeTrainer:
 
     def run(self) -> list[Path]:
         cfg = self.cfg
-        atomic_write_json(self.out / "config.json", json.loads(json.dumps(cfg, default=lambda o: o.__dict__)))
+        main = self.accelerator.is_main_process
+        if main:
+            atomic_write_json(self.out / "config.json", json.loads(json.dumps(cfg, default=lambda o: o.__dict__)))
         start_stage, start_step = self.load_state()
-        if start_stage or start_step:
+        if main and (start_stage or start_step):
             self.logger.truncate_after(sum(s.steps for s in cfg.stage_list()[:start_stage]) + start_step)
         exports = []
         done_names = []
@@ -348,7 +367,9 @@ class BridgeTrainer:
             finished = self._run_stage(si, stage, start_step if si == start_stage else 0, offset, stop_at)
             if not finished:
                 return exports
-            self.export(folder, upto=si)
+            if main:
+                self.export(folder, upto=si)
+            self.accelerator.wait_for_everyone()
             exports.append(folder)
             self.save_checkpoint(si + 1, 0, *self._fresh_state(min(si + 1, len(cfg.curriculum) - 1)))
         return exports
@@ -367,18 +388,22 @@ class BridgeTrainer:
         """Where the models are (after ``accelerator.prepare``): every batch tensor is moved here."""
         return next(self.backbone.unet.parameters()).device
 
-    def make_batch(self, stage: StageConfig, idx: torch.Tensor, gen: torch.Generator, states) -> dict:
-        """The keyword arguments of `BridgeTrainModule.forward` for rows ``idx``, on the models' device.
+    def make_batch(self, stage: StageConfig, batch: torch.Tensor, gen: torch.Generator, states) -> dict:
+        """The keyword arguments of `BridgeTrainModule.forward` for this process's share of the global batch
+        ``batch`` (rows ``rank::world``), on the models' device.
 
-        Noise, timesteps and CFG dropout are drawn from the stage's CPU generator, then moved, so a run gives
-        the same draws on any device.
+        Noise, timesteps and CFG dropout are drawn for the whole global batch from the stage's CPU generator (the
+        same stream in every process), then sliced and moved, so N processes see exactly the draws one process
+        would, on any device.
         """
-        data, dev = self.data, self.device
-        b = len(idx)
+        data, dev, acc = self.data, self.device, self.accelerator
+        b = len(batch)
         n_train_t = self.module.noise_scheduler.config.num_train_timesteps
-        drop = torch.rand(b, generator=gen) < stage.cfg_dropout
-        t = torch.randint(0, n_train_t, (b,), generator=gen)
-        noise = torch.randn(data.latents[idx].shape, generator=gen)
+        mine = slice(acc.process_index, None, acc.num_processes)
+        drop = (torch.rand(b, generator=gen) < stage.cfg_dropout)[mine]
+        t = torch.randint(0, n_train_t, (b,), generator=gen)[mine]
+        noise = torch.randn((b, *data.latents.shape[1:]), generator=gen)[mine]
+        idx = batch[mine]
         plans = [data.plans[i] for i in idx] if self.cfg.use_planner else None
         masks = self.region_masks(plans)
         return {
@@ -443,22 +468,25 @@ class BridgeTrainer:
         ga = stage.grad_accum
         for micro in range(start * ga, end * ga):
             step = micro // ga
-            idx = sampler.batch(micro)[acc.process_index :: acc.num_processes]
+            batch = sampler.batch(micro)  # the global batch; each process takes its rows in make_batch
+            idx = batch[acc.process_index :: acc.num_processes]
             where = (offset + step, f"loss (stage {stage.name}, batch rows {idx[:6].tolist()}...)")
-            losses = self._micro_step(module, opt, sched, stage, self.make_batch(stage, idx, gen, states), where)
+            losses = self._micro_step(module, opt, sched, stage, self.make_batch(stage, batch, gen, states), where)
             if not acc.sync_gradients:
                 continue
             ema.update()  # once per optimizer step, not per micro-batch
             bar.update(1)
             if (step + 1) % self.cfg.log_every == 0:
                 now = time.perf_counter()
-                self.logger.log(
-                    step=offset + step + 1,
-                    stage=stage.name,
-                    lr=sched.get_last_lr()[0],
-                    sec_per_step=(now - t_last) / self.cfg.log_every,
-                    **{k: float(v.detach()) for k, v in losses.items()},
-                )
+                mean = {k: float(acc.reduce(v.detach(), "mean")) for k, v in losses.items()}  # over processes
+                if acc.is_main_process:
+                    self.logger.log(
+                        step=offset + step + 1,
+                        stage=stage.name,
+                        lr=sched.get_last_lr()[0],
+                        sec_per_step=(now - t_last) / self.cfg.log_every,
+                        **mean,
+                    )
                 t_last = now
             if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == end:
                 self.save_checkpoint(si, step + 1, opt, sched, ema, gen)

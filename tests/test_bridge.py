@@ -261,7 +261,7 @@ class _AllNaN:
     """A cache column whose rows read as NaN (the cache on disk is memory-mapped, not written to)."""
 
     def __init__(self, column):
-        self.column = column
+        self.column, self.shape = column, column.shape
 
     def __getitem__(self, idx):
         return torch.full_like(self.column[idx], float("nan"))
