@@ -125,6 +125,7 @@ class BridgeTrainer:
         # alignment head at weight 0), which DDP must be told about
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not cuda, kwargs_handlers=[ddp])
+        self.progress = progress and self.accelerator.is_local_main_process  # one set of progress bars
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out)
         self.backbone = load_backbone(cfg.base)
@@ -140,7 +141,7 @@ class BridgeTrainer:
                     f"over {self.accelerator.num_processes} processes"
                 )
         with self.accelerator.main_process_first():  # one process builds the caches, the others read them
-            self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, progress, batch)
+            self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, self.progress, batch)
         unet = self.backbone.unet
 
         ccfg = ConnectorConfig.from_preset(
