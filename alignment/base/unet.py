@@ -30,6 +30,7 @@ from alignment.loop import (
 )
 from alignment.losses import min_snr_weight
 from alignment.prepared import cached_split
+from alignment.shards import ShardedTable, ShardWriter, is_finished
 from diffusion_backbone.models import Backbone, save_backbone
 from diffusion_backbone.sampling import encode_images
 from diffusion_backbone.text_encoders import OpenCLIPTextEncoder
@@ -73,29 +74,29 @@ class UNetTrainConfig:
 
 
 @torch.no_grad()
-def build_cache(cfg: UNetTrainConfig, vae, enc: OpenCLIPTextEncoder) -> dict[str, torch.Tensor]:
-    """Latents (N, 4, h, w), text states (N, T, d), masks (N, T), and the empty prompt's states."""
-    path = Path(cfg.out) / "cache.safetensors"
-    if path.is_file():
-        return load_file(str(path))
-    images, prompts, _ = cached_split(cfg.data, "train")
-    latents, tokens, masks = [], [], []
-    for start in tqdm(range(0, len(images), 250), desc="encoding latents + text"):
-        stop = min(len(images), start + 250)
-        latents.append(encode_images(vae, images[start:stop]))
-        c = enc.encode(prompts[start:stop])
-        tokens.append(c.tokens.half())
-        masks.append(c.mask)
-    empty = enc.encode([""])
-    cache = {
-        "latents": torch.cat(latents).float(),
-        "tokens": torch.cat(tokens),
-        "masks": torch.cat(masks),
-        "empty_tokens": empty.tokens.float(),
-        "empty_mask": empty.mask,
-    }
-    atomic_write_bytes(path, safetensors_bytes({k: v.contiguous() for k, v in cache.items()}))
-    return cache
+def build_cache(cfg: UNetTrainConfig, vae, enc: OpenCLIPTextEncoder, shard_rows: int = 1000) -> dict:
+    """Latents (N, 4, h, w), text states (N, T, d) and masks (N, T) as memory-mapped shard columns
+    (`alignment.shards`, under ``cfg.out/cache``), and the empty prompt's states as tensors."""
+    folder = Path(cfg.out) / "cache"
+    if not is_finished(folder):
+        images, prompts, _ = cached_split(cfg.data, "train")
+        folder.mkdir(parents=True, exist_ok=True)
+        empty = enc.encode([""])
+        atomic_write_bytes(
+            folder / "empty.safetensors",
+            safetensors_bytes({"empty_tokens": empty.tokens.float().contiguous(), "empty_mask": empty.mask}),
+        )
+        writer = ShardWriter(folder)
+        for start in tqdm(range(0, len(images), shard_rows), desc="encoding latents + text"):
+            stop = min(len(images), start + shard_rows)
+            c = enc.encode(prompts[start:stop])
+            writer.add({"latents": encode_images(vae, images[start:stop]).float(), "tokens": c.tokens.half(),
+                        "masks": c.mask})  # fmt: skip
+        writer.finish()
+    table = ShardedTable(folder)
+    return {name: table[name] for name in ("latents", "tokens", "masks")} | load_file(
+        str(folder / "empty.safetensors")
+    )
 
 
 def train_unet(cfg: UNetTrainConfig, progress: bool = True) -> Path:
