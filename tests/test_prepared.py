@@ -85,7 +85,10 @@ def test_parquet_is_prepared_and_a_bridge_trains_on_it(user_data, tmp_path):
     BridgeTrainer(cfg, progress=False).run()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(np.isfinite(row["total"]) for row in log)
-    assert (tmp_path / "run" / "stage-A" / "config.json").is_file()
+    # ... and the trained bridge generates (the README's last step)
+    args = ["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--model", str(base), "--llm", cfg.planner]
+    assert main(args + ["--bridge", str(tmp_path / "run" / "stage-A"), "--writer", "same", "--steps", "2"]) == 0
+    assert Image.open(tmp_path / "out.png").size[0] > 0
 
 
 def test_image_folder_with_metadata_and_random_crops_are_seeded(tmp_path):
