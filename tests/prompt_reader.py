@@ -87,7 +87,7 @@ def read_prompt(prompt: str, family: TemplateFamily) -> SceneSpec:
     """The spec ``prompt`` (said with ``family``'s frame, maybe with chatter, typos and casing) describes."""
     text = prompt.lower()
     objects = _objects(text)
-    if family.kind in ("relation", "groups_above") and family.frame.index("{b}") < family.frame.index("{a}"):
+    if family.kind == "relation" and family.frame.index("{b}") < family.frame.index("{a}"):
         objects = objects[::-1]  # the reference was said first; the placed object comes first in the plan
     materials = {m for *_, adj in objects for m in adj}
     said = _one_value(text, "material", "")

@@ -23,16 +23,7 @@ from toyworld.grammar import (
     render_prompt,
 )
 from toyworld.render import render
-from toyworld.scene import (
-    KINDS,
-    Scene,
-    SceneSpec,
-    SpecDraw,
-    sample_groups_above,
-    sample_spec,
-    sample_stacked,
-    spec_to_scene,
-)
+from toyworld.scene import KINDS, Scene, SceneSpec, SpecDraw, sample_spec, sample_stacked, spec_to_scene
 
 
 def test_spec_plan_scene_round_trips(rng):
@@ -167,8 +158,6 @@ def test_training_wording_avoids_the_heldout_phrases():
 def _draw_for(family, rng):
     if family.kind == "stacked":
         return sample_stacked(rng)
-    if family.kind == "groups_above":
-        return sample_groups_above(rng)
     while True:
         draw = sample_spec(rng, family.kind)
         if family.kind != "relation" or draw.relation == family.relation:
@@ -192,7 +181,7 @@ def test_wide_rows_are_reproducible_and_their_plans_parse():
     rows = [make_prompt_example(3, i) for i in range(300)]
     assert rows == [make_prompt_example(3, i) for i in range(300)]
     assert [r["prompt"] for r in rows] != [make_prompt_example(4, i)["prompt"] for i in range(300)]
-    assert {r["kind"] for r in rows} == {*KINDS, "stacked", "groups_above"}
+    assert {r["kind"] for r in rows} == {*KINDS, "stacked"}
     assert any(r["family"].startswith("wide_") for r in rows) and any(
         r["family"] in {f.name for f in FAMILIES} for r in rows
     )

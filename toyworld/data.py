@@ -22,7 +22,7 @@ from safeio import atomic_dir, atomic_write_bytes
 from toyworld.augment import DEFAULT_AUGMENT, AugmentConfig, augment_prompt
 from toyworld.grammar import families, render_prompt
 from toyworld.render import render
-from toyworld.scene import SpecDraw, sample_groups_above, sample_spec, sample_stacked, spec_to_scene
+from toyworld.scene import SpecDraw, sample_spec, sample_stacked, spec_to_scene
 
 COLUMNS = ("image", "prompt", "plan", "scene", "family", "kind", "split")
 # Kinds of widened-grammar planner rows: relations and pairs (what the planner misread most) a bit more often.
@@ -32,9 +32,8 @@ WIDE_KIND_WEIGHTS = {
     "pair": 0.18,
     "relation": 0.22,
     "count": 0.15,
-    "mixed": 0.10,
-    "stacked": 0.07,
-    "groups_above": 0.03,
+    "mixed": 0.12,
+    "stacked": 0.08,
 }
 
 
@@ -59,14 +58,10 @@ def make_example(seed: int, index: int, heldout_fraction: float = 0.1) -> dict:
 
 
 def sample_wide_draw(rng: np.random.Generator) -> SpecDraw:
-    """A spec of a kind drawn with `WIDE_KIND_WEIGHTS` (the wide-only ``stacked`` and ``groups_above`` included)."""
+    """A spec of a kind drawn with `WIDE_KIND_WEIGHTS` (``stacked`` included)."""
     kinds = list(WIDE_KIND_WEIGHTS)
     kind = kinds[int(rng.choice(len(kinds), p=list(WIDE_KIND_WEIGHTS.values())))]
-    if kind == "stacked":
-        return sample_stacked(rng)
-    if kind == "groups_above":
-        return sample_groups_above(rng)
-    return sample_spec(rng, kind)
+    return sample_stacked(rng) if kind == "stacked" else sample_spec(rng, kind)
 
 
 def make_prompt_example(seed: int, index: int, augment: AugmentConfig | None = DEFAULT_AUGMENT) -> dict:

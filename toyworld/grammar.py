@@ -166,7 +166,7 @@ class TemplateFamily:
     comma)."""
 
     name: str
-    kind: str  # single | region | pair | relation | count | mixed | stacked, groups_above (wide only)
+    kind: str  # single | region | pair | relation | count | mixed | stacked (wide only)
     frame: str
     split: str  # train | heldout
     relation: str | None = None  # for relation frames: "left of", "right of", "above", "below"
@@ -349,14 +349,6 @@ WIDE_FAMILIES: tuple[TemplateFamily, ...] = (
     _w("stacked_vertically", "stacked", "draw {o} stacked vertically{m}"),
     _w("stacked_mods_first", "stacked", "{mp}{o}, one over the other"),
     # two groups, three or four objects in mention order
-    # two of one kind above one of another: the mixed triangle layout, said as a vertical relation
-    _w("groups_above", "groups_above", "{a} above {b}{m}"),
-    _w("groups_over", "groups_above", "{a} over {b}{m}"),
-    _w("groups_on_top_of", "groups_above", "{a} on top of {b}{m}"),
-    _w("groups_below", "groups_above", "{b} below {a}{m}"),
-    _w("groups_under", "groups_above", "{b} under {a}{m}"),
-    _w("groups_draw_above", "groups_above", "draw {a} above {b}{m}"),
-    _w("groups_mods_first", "groups_above", "{mp}{a} above {b}"),
     _w("mixed_draw", "mixed", "draw {o}{m}"),
     _w("mixed_show_me", "mixed", "show me {o}{m}"),
     _w("mixed_make", "mixed", "make {o}{m}"),
@@ -486,7 +478,7 @@ def render_prompt(
         mods.append(_say(rng, "distractor", "", family))
     separators = [", " if rng.uniform() < 0.6 else " " for _ in mods]
     values = {"m": "".join(sep + x for sep, x in zip(separators, mods)), "mp": "".join(x + ", " for x in mods)}
-    if family.kind in ("pair", "relation", "groups_above"):
+    if family.kind in ("pair", "relation"):
         values["a"], values["b"] = phrases
     elif family.kind in ("count", "mixed"):
         values["o"] = (_choice(rng, WIDE_JOINERS) if family.wide else " and ").join(phrases)

@@ -410,17 +410,6 @@ def sample_stacked(rng: np.random.Generator, max_tries: int = 100, **kwargs) -> 
     raise RuntimeError(f"could not sample a drawable stacked spec in {max_tries} tries")
 
 
-def sample_groups_above(rng: np.random.Generator, max_tries: int = 100) -> SpecDraw:
-    """Two of one kind above one of another (a mixed spec of 3 in the triangle slots, the pair first: top left,
-    top right, bottom): kind ``groups_above``, said by wide grammar families only ("two blue squares above a red
-    star"), with the same plan a mixed prompt ("two blue squares and a red star") has."""
-    for _ in range(max_tries):
-        draw = sample_spec(rng, "mixed")
-        if [o.count for o in draw.spec.objects] == [2, 1]:
-            return SpecDraw(draw.spec, "groups_above")
-    raise RuntimeError(f"could not sample a groups_above spec in {max_tries} tries")
-
-
 def default_slots(n: int) -> tuple[str, ...]:
     """Regions of ``n`` objects placed by convention (mention order)."""
     return {
