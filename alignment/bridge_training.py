@@ -14,6 +14,7 @@ import re
 import time
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from peft import LoraConfig, inject_adapter_in_model
@@ -132,6 +133,8 @@ class BridgeTrainer:
         tok = AutoTokenizer.from_pretrained(cfg.planner, local_files_only=True)
         llm = AutoModelForCausalLM.from_pretrained(cfg.planner, local_files_only=True, dtype=DTYPES[cfg.llm_dtype])
         llm.requires_grad_(False).eval()
+        if cfg.gradient_checkpointing:  # the U-Net's; the LLM runs in eval mode, where HF models do not checkpoint
+            self.backbone.unet.enable_gradient_checkpointing()
         self.encoder = PlanEncoder(llm, tok, cfg.layers)
         batch = max(stage.batch_size for stage in cfg.stage_list())
         for stage in cfg.stage_list():
@@ -379,7 +382,7 @@ class BridgeTrainer:
         """Optimizer, LR schedule, EMA and the noise/timestep/dropout generator of stage ``si``."""
         stage = self.cfg.stage_list()[si]
         groups = self.configure_stage(stage)
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        opt = make_optimizer(self.cfg.optimizer, groups)
         sched = warmup_cosine(opt, stage.steps, stage.warmup, stage.min_lr_ratio)
         ema = EMA(self.trainable_names(), stage.ema_decay, warmup=stage.ema_warmup)
         return opt, sched, ema, stage_generator(self.cfg.seed, si)
@@ -496,6 +499,15 @@ class BridgeTrainer:
             return False
         ema.copy_to()  # export the EMA weights
         return True
+
+
+def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs CUDA)."""
+    if name == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise ValueError("optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU; none is available")
+        return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999))
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
 def train_bridge(cfg: BridgeTrainConfig, progress: bool = True) -> list[Path]:

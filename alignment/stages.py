@@ -98,6 +98,8 @@ class BridgeTrainConfig:
     max_examples: int | None = None  # use only the first N training rows
     stop_at: int | None = None  # stop (with a checkpoint) after this many total steps; resume later
     threads: int | None = None
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA only)
+    gradient_checkpointing: bool = False  # recompute U-Net activations in the backward pass (less memory)
     stages: dict[str, StageConfig] = field(default_factory=lambda: {"A": StageConfig("A")})
     curriculum: list[str] = field(default_factory=lambda: ["A"])
 
@@ -107,6 +109,8 @@ class BridgeTrainConfig:
             raise ValueError(f"curriculum names undefined stage(s) {missing}; defined: {list(self.stages)}")
         if not self.curriculum:
             raise ValueError("the curriculum is empty")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
 
     def stage_list(self) -> list[StageConfig]:
         return [self.stages[s] for s in self.curriculum]

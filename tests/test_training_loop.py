@@ -3,13 +3,14 @@ placement: every batch tensor follows the models' device (checked with the model
 tensor left behind is visible)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import save_tiny_planner, save_tiny_sd, save_tiny_toy_base
 
-from alignment.bridge_training import BridgeTrainer
+from alignment.bridge_training import BridgeTrainer, make_optimizer
 from alignment.stages import config_from_dict
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.models import load_backbone
@@ -104,3 +105,19 @@ def test_saving_an_hf_clip_encoder_at_a_dtype_leaves_the_live_model_alone(tmp_pa
     assert next(enc.model.parameters()).dtype == before == torch.float32
     saved = HFCLIPTextEncoder.from_folder(tmp_path / "out", dtype=torch.float16)
     assert next(saved.model.parameters()).dtype == torch.float16
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_8bit_adam_needs_cuda(world, tmp_path):
+    stages = {"A": {"train": ["connector"], "steps": 3, "batch_size": 4, "warmup": 1}}
+    runs = {}
+    for name, flag in (("plain", False), ("ckpt", True)):
+        trainer = BridgeTrainer(_cfg(world, tmp_path / name, stages, gradient_checkpointing=flag), progress=False)
+        assert trainer.backbone.unet.is_gradient_checkpointing == flag
+        trainer.run()
+        runs[name] = [json.loads(x)["total"] for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(runs["ckpt"]), torch.tensor(runs["plain"]), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="optimizer must be"):
+        _cfg(world, tmp_path / "x", stages, optimizer="sgd")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            make_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
