@@ -1,0 +1,22 @@
+"""Atomic writes leave normal file and folder modes (what open() and mkdir() give under the umask)."""
+
+import os
+import stat
+
+import safeio
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_writes_leave_normal_modes(tmp_path):
+    f = safeio.atomic_write_text(tmp_path / "a.txt", "x")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert _mode(f) == _mode(plain)
+    with safeio.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "inside.json").write_text("{}")
+    (tmp_path / "plain_dir").mkdir()
+    assert _mode(tmp_path / "d") == _mode(tmp_path / "plain_dir")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
