@@ -326,7 +326,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
-    for folder in train_bridge(load_config(args.config, overrides)):
+    cfg = load_config(args.config, overrides)
+    for key in ("base", "planner"):  # shipped models named as in the repository work from any directory
+        given = Path(getattr(cfg, key))
+        if not given.exists() and given.parts[:2] == ("toyworld", "pretrained") and len(given.parts) == 3:
+            setattr(cfg, key, str(_pretrained(given.parts[2], None)))
+    for folder in train_bridge(cfg):
         print(f"exported {folder}")
     return 0
 

@@ -45,3 +45,15 @@ def test_shipped_writer_is_a_lora_adapter_over_the_shipped_planner():
     ids = reader.tokenizer("a star with a circle to its left", return_tensors="pt").input_ids
     assert not np.allclose(writer.model(ids).logits.detach(), reader.model(ids).logits.detach(), atol=1e-3)
     assert writer.plan(["two blue squares above a red star"])[0].plan is not None
+
+
+def test_shipped_training_config_runs_from_any_directory(tmp_path, monkeypatch):
+    from plan2img.cli import main
+    from toyworld.data import build_dataset
+
+    config = (PRETRAINED_DIR.parent.parent / "configs" / "toy_A.yaml").resolve()
+    build_dataset(tmp_path / "data", n=40, seed=1, workers=1, progress=False)
+    monkeypatch.chdir(tmp_path)  # the config names toyworld/pretrained/... relative to the repository
+    args = ["train", "--config", str(config), "--set", "data=data", "out=run", "stop_at=1", "log_every=1"]
+    assert main(args) == 0
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
