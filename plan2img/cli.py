@@ -53,11 +53,9 @@ def _spatial_settings(args) -> dict:
     return settings
 
 
-def _load_writer(args):
-    """The planner that writes the plans: ``--writer`` (a planner folder, or a LoRA adapter folder over the
-    ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner (unless ``--llm`` or
-    ``--adapter`` is given), else the reader."""
-    from planner.planner import Planner, is_adapter_dir
+def _writer_source(args) -> str | None:
+    """The folder `_load_writer` loads the writer from, or None where the reader writes its own plans."""
+    from planner.planner import is_adapter_dir
     from toyworld.pretrained import PRETRAINED_DIR
 
     writer = getattr(args, "writer", None)
@@ -68,6 +66,18 @@ def _load_writer(args):
         if args.llm or getattr(args, "adapter", None) or not is_adapter_dir(shipped):
             return None
         writer = str(shipped)
+    return writer
+
+
+def _load_writer(args):
+    """The planner that writes the plans: ``--writer`` (a planner folder, or a LoRA adapter folder over the
+    ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner (unless ``--llm`` or
+    ``--adapter`` is given), else the reader."""
+    from planner.planner import Planner, is_adapter_dir
+
+    writer = _writer_source(args)
+    if writer is None:
+        return None
     kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
     if is_adapter_dir(writer):
         return Planner.from_pretrained(_pretrained("planner", args.llm), adapter=writer, **kwargs)
@@ -151,7 +161,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     planner, key = None, None
     if args.plan_column is None:
         planner = _load_writer(args) or _load_planner(args)
-        key = folder_fingerprint(args.writer or _pretrained("planner", args.llm))
+        # every folder that shapes the plans: the LLM, its --adapter, the writer (default: the shipped one)
+        sources = [_pretrained("planner", args.llm), args.adapter, _writer_source(args)]
+        key = folder_fingerprint(*[p for p in sources if p]) + ("-fewshot" if args.few_shot else "")
     out = prepare_dataset(
         args.source,
         args.out,

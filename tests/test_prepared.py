@@ -7,8 +7,10 @@ import json
 import datasets
 import numpy as np
 import pytest
+from peft import LoraConfig, get_peft_model
 from PIL import Image
 from tiny_models import save_tiny_planner, save_tiny_toy_base
+from transformers import AutoModelForCausalLM
 
 from alignment.bridge_training import BridgeTrainer
 from alignment.prepared import (
@@ -217,3 +219,15 @@ def test_cli_data_prepare(user_data, tmp_path, capsys):
     assert load_prepared(tmp_path / "p").with_format("numpy")["image"][0].shape == (16, 16, 3)
     assert main(args[:3] + ["--out", str(tmp_path / "q"), "--caption-column", "nope", "--plan-column", "x"]) != 0
     assert "no image column 'image'" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_cli_plan_cache_is_named_after_every_model_that_writes(user_data, tmp_path):
+    reader, other = save_tiny_planner(tmp_path / "a"), save_tiny_planner(tmp_path / "b", "qwen2")
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(reader), LoraConfig(r=2, target_modules="all-linear"))
+    lora.save_pretrained(str(tmp_path / "adapter"))
+    base = ["data", "prepare", str(user_data["parquet"]), "--image-column", "img", "--caption-column", "caption"]
+    runs = {"llm": [], "llm+adapter": ["--adapter", str(tmp_path / "adapter")], "writer": ["--writer", str(other)]}
+    for name, extra in runs.items():
+        assert main([*base, "--out", str(tmp_path / name.replace("+", "_")), "--llm", str(reader), *extra]) == 0
+    keys = {c.name.split("-")[1] for c in tmp_path.glob(".plans-*.jsonl")}
+    assert len(keys) == 3  # an adapter or another writer never reuses the LLM's plans
