@@ -143,8 +143,9 @@ def hidden_state_cache(encoder: PlanEncoder, data: BridgeData, planner_path: str
             stop = min(len(data), start + batch_size)
             plans = data.plans[start:stop] if use_planner else None
             s = encoder.encode(data.prompts[start:stop], plans)
-            objects = s.object_ids if s.object_ids is not None else torch.zeros_like(s.field_ids)
-            writer.add({"states": s.states.half(), "mask": s.mask, "field_ids": s.field_ids, "object_ids": objects})
+            writer.add(
+                {"states": s.states.half(), "mask": s.mask, "field_ids": s.field_ids, "object_ids": s.object_ids}
+            )
             longest = max(longest, s.mask.shape[1])
         atomic_write_json(folder / "plan_states.json", {"max_tokens": longest})
         writer.finish()

@@ -473,8 +473,7 @@ class BridgeTrainer:
         for micro in range(start * ga, end * ga):
             step = micro // ga
             batch = sampler.batch(micro)  # the global batch; each process takes its rows in make_batch
-            idx = batch[acc.process_index :: acc.num_processes]
-            where = (offset + step, f"loss (stage {stage.name}, batch rows {idx[:6].tolist()}...)")
+            where = (offset + step, f"loss (stage {stage.name}, batch rows {batch[:6].tolist()}...)")
             losses = self._micro_step(module, opt, sched, stage, self.make_batch(stage, batch, gen, states), where)
             if not acc.sync_gradients:
                 continue

@@ -133,7 +133,9 @@ class ShardedColumn:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.limit, *self.table.rows(self.name, [0])[0].shape)
+        """(rows, *the first shard's row shape), read off the file header without copying data."""
+        array, _ = self.table._shard(0)[self.name]
+        return (self.limit, *array.shape[1:])
 
     def head(self, n: int) -> ShardedColumn:
         """The first ``n`` rows."""
