@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_unet
+from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_bridge_config, tiny_unet
 
 from alignment.bridge_training import BridgeTrainer
 from alignment.stages import config_from_dict
@@ -35,19 +35,8 @@ def world(tmp_path_factory):
 
 def _cfg(world, tmp_path, arch="llama", **kw):
     stages = kw.pop("stages", {"A": {"train": ["connector"], "steps": 2, "batch_size": 4, "clip_align_weight": 0.1}})
-    data = {
-        "data": str(world["data"]),
-        "base": str(world["base"]),
-        "planner": str(world["planners"][arch]),
-        "out": str(tmp_path / "run"),
-        "connector": "resampler-32q",
-        "log_every": 1,
-        "checkpoint_every": 100,
-        "mixed_precision": "no",
-        "stages": stages,
-    }
-    data.update(kw)
-    return config_from_dict(data)
+    planner = world["planners"][arch]
+    return config_from_dict(tiny_bridge_config(world["data"], world["base"], planner, tmp_path / "run", stages, **kw))
 
 
 ABC = {

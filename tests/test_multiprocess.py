@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_planner, save_tiny_toy_base
+from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_bridge_config
 
 from toyworld.data import build_dataset, load_dataset_dir
 
@@ -40,11 +40,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
              "clip_align_loss": "l2", "warmup": 1}  # fmt: skip
     runs = {}
     for name in ("one", "two"):
-        cfg = {
-            "data": str(tmp_path / "data"), "base": str(base), "planner": str(llm), "out": str(tmp_path / name),
-            "connector": "resampler-32q", "log_every": 1, "checkpoint_every": 100, "mixed_precision": "no",
-            "stages": {"A": stage},
-        }  # fmt: skip
+        cfg = tiny_bridge_config(tmp_path / "data", base, llm, tmp_path / name, {"A": stage})
         (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
         runs[name] = tmp_path / name
     script = str(HERE / "multiprocess_bridge.py")

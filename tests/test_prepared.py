@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from tiny_models import save_tiny_planner, save_tiny_toy_base
+from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_bridge_config
 from transformers import AutoModelForCausalLM
 
 from alignment.bridge_training import BridgeTrainer
@@ -53,36 +53,23 @@ def user_data(tmp_path_factory):
     return {"root": root, "parquet": root / "photos.parquet", "prompts": prompts, "plans": plans}
 
 
+def _prepare_user_data(user_data, out, **kw):
+    """The fixture's Parquet file prepared with its own plans (its column names)."""
+    args = dict(image_column="img", caption_column="caption", plan_column="layout_plan", spec=V.TOY_PLAN_SPEC)
+    return prepare_dataset(user_data["parquet"], out, progress=False, **{**args, **kw})
+
+
 def test_parquet_is_prepared_and_a_bridge_trains_on_it(user_data, tmp_path):
-    out = prepare_dataset(
-        user_data["parquet"],
-        tmp_path / "prepared",
-        image_column="img",
-        caption_column="caption",
-        plan_column="layout_plan",
-        resolution=64,
-        center_crop=True,
-        spec=V.TOY_PLAN_SPEC,
-        progress=False,
-    )
+    out = _prepare_user_data(user_data, tmp_path / "prepared", resolution=64, center_crop=True)
     ds = load_prepared(out)
     assert len(ds) == 12 and set(ds["split"]) == {"train"}
     images, prompts, plans = cached_split(out, "train")
     assert images.shape == (12, 64, 64, 3) and images.dtype == np.uint8
     assert prompts == user_data["prompts"] and plans == user_data["plans"]
     base = save_tiny_toy_base(tmp_path / "base", prompts)
+    stages = {"A": {"train": ["connector"], "steps": 2, "batch_size": 4}}
     cfg = config_from_dict(
-        {
-            "data": str(out),
-            "base": str(base),
-            "planner": str(save_tiny_planner(tmp_path / "llm")),
-            "out": str(tmp_path / "run"),
-            "connector": "resampler-32q",
-            "log_every": 1,
-            "checkpoint_every": 100,
-            "mixed_precision": "no",
-            "stages": {"A": {"train": ["connector"], "steps": 2, "batch_size": 4}},
-        }
+        tiny_bridge_config(out, base, save_tiny_planner(tmp_path / "llm"), tmp_path / "run", stages)
     )
     BridgeTrainer(cfg, progress=False).run()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -188,26 +175,10 @@ def _write_dataset(path, columns):
 
 
 def test_data_smaller_than_a_batch_fails_before_any_cache(user_data, tmp_path):
-    out = prepare_dataset(
-        user_data["parquet"],
-        tmp_path / "prepared",
-        image_column="img",
-        caption_column="caption",
-        plan_column="layout_plan",
-        spec=V.TOY_PLAN_SPEC,
-        progress=False,
-    )
-    cfg = config_from_dict(
-        {
-            "data": str(out),
-            "base": str(save_tiny_toy_base(tmp_path / "base", user_data["prompts"])),
-            "planner": str(save_tiny_planner(tmp_path / "llm")),
-            "out": str(tmp_path / "run"),
-            "connector": "linear",
-            "mixed_precision": "no",
-            "stages": {"A": {"train": ["connector"], "steps": 1, "batch_size": 16}},
-        }
-    )
+    out = _prepare_user_data(user_data, tmp_path / "prepared")
+    base, llm = save_tiny_toy_base(tmp_path / "base", user_data["prompts"]), save_tiny_planner(tmp_path / "llm")
+    stages = {"A": {"train": ["connector"], "steps": 1, "batch_size": 16}}
+    cfg = config_from_dict(tiny_bridge_config(out, base, llm, tmp_path / "run", stages, connector="linear"))
     with pytest.raises(DataPrepError, match="12 training rows, fewer than one batch"):
         BridgeTrainer(cfg, progress=False)
     assert not (out / "cache").exists()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_planner, save_tiny_sd, save_tiny_toy_base
+from tiny_models import save_tiny_planner, save_tiny_sd, save_tiny_toy_base, tiny_bridge_config
 
 from alignment.bridge_training import BridgeTrainer, make_optimizer
 from alignment.stages import config_from_dict
@@ -32,19 +32,7 @@ def world(tmp_path_factory):
 
 
 def _cfg(world, out, stages, **kw):
-    data = {
-        "data": str(world["data"]),
-        "base": str(world["base"]),
-        "planner": str(world["planner"]),
-        "out": str(out),
-        "connector": "resampler-32q",
-        "log_every": 1,
-        "checkpoint_every": 100,
-        "mixed_precision": "no",
-        "stages": stages,
-    }
-    data.update(kw)
-    return config_from_dict(data)
+    return config_from_dict(tiny_bridge_config(world["data"], world["base"], world["planner"], out, stages, **kw))
 
 
 def test_each_stage_draws_its_own_noise_timesteps_and_dropout(world, tmp_path):

@@ -201,3 +201,20 @@ def save_tiny_planner(folder: Path, arch: str = "llama") -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(folder / "raw"), local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(folder / "raw"), local_files_only=True)
     return Planner(model, tok).save_pretrained(folder / "planner")
+
+
+def tiny_bridge_config(data, base, planner, out, stages: dict, **overrides) -> dict:
+    """A bridge training config on tiny models, as a dict (for `config_from_dict` or a JSON file): a small
+    resampler, a log line per step, no mid-stage checkpoints, fp32; ``overrides`` replace any key."""
+    return {
+        "data": str(data),
+        "base": str(base),
+        "planner": str(planner),
+        "out": str(out),
+        "connector": "resampler-32q",
+        "log_every": 1,
+        "checkpoint_every": 100,
+        "mixed_precision": "no",
+        "stages": stages,
+        **overrides,
+    }
