@@ -31,6 +31,7 @@ from alignment.stages import BridgeTrainConfig, StageConfig
 from diffusion_backbone.injection import time_embedding_dim
 from diffusion_backbone.models import load_backbone
 from diffusion_backbone.sampling import latent_shape, unet_forward
+from diffusion_backbone.sdxl import default_time_ids, image_size, text_embeds_dim, uses_text_time
 from llm_bridge.bridge import LOW_RANK_DOWN, LOW_RANK_UP, LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.encoder import PlanEncoder, PlanStates
@@ -46,6 +47,21 @@ def stage_generator(seed: int, stage_index: int) -> torch.Generator:
     CPU generators keep a run reproducible across devices (draws are moved to the model's device after).
     """
     return torch.Generator().manual_seed(seed * 7919 + 1_000_003 * (stage_index + 1))
+
+
+def pooled_stream(backbone, pooled: bool, mode: str) -> dict:
+    """The connector's pooled-stream settings for this base: on SDXL, the U-Net's own ``text_embeds`` and
+    ``time_ids`` (replace mode; concat mode keeps SDXL's native pooled vector and time ids); elsewhere a
+    zero-initialised time modulation when ``pooled`` is on."""
+    unet = backbone.unet
+    if uses_text_time(unet):
+        if mode == "concat":
+            return {}
+        return {
+            "d_text_embeds": text_embeds_dim(unet),
+            "time_ids": default_time_ids(image_size(unet, backbone.vae)),
+        }
+    return {"d_time": time_embedding_dim(unet) if pooled else None}
 
 
 def llm_blocks(model) -> tuple[str, list[nn.Module]]:
@@ -64,7 +80,7 @@ def llm_blocks(model) -> tuple[str, list[nn.Module]]:
 class BridgeTrainModule(nn.Module):
     """Everything a training step touches; ``forward(batch)`` returns the losses."""
 
-    def __init__(self, bridge: LLMBridge, head: ClipAlignmentHead, encoder: PlanEncoder, unet, scheduler):
+    def __init__(self, bridge: LLMBridge, head: ClipAlignmentHead | None, encoder: PlanEncoder, unet, scheduler):
         super().__init__()
         self.bridge, self.head, self.llm, self.unet = bridge, head, encoder.model, unet
         self.encoder = encoder
@@ -144,14 +160,21 @@ class BridgeTrainer:
                     f"over {self.accelerator.num_processes} processes"
                 )
         with self.accelerator.main_process_first():  # one process builds the caches, the others read them
-            self.data: BridgeData = load_bridge_data(cfg.data, self.backbone, cfg.max_examples, self.progress, batch)
+            self.data: BridgeData = load_bridge_data(
+                cfg.data, self.backbone, cfg.max_examples, self.progress, batch, clip_image_model=cfg.clip_image_model
+            )
+        aligned = [s.name for s in cfg.stage_list() if s.clip_align_weight > 0]
+        if aligned and self.data.clip_image is None:
+            raise ValueError(
+                f"stage(s) {aligned} use the CLIP alignment loss, but the base {cfg.base} has no CLIP image tower: "
+                "set clip_image_model to a local CLIP folder, or clip_align_weight: 0"
+            )
         unet = self.backbone.unet
-
         ccfg = ConnectorConfig.from_preset(
             cfg.connector,
             d_llm=self.encoder.hidden_size,
             d_ctx=unet.config.cross_attention_dim,
-            d_time=time_embedding_dim(unet) if cfg.pooled else None,
+            **pooled_stream(self.backbone, cfg.pooled, cfg.mode),
             layers=cfg.layers,
             num_llm_layers=self.encoder.num_layers if cfg.layers == "learned" else None,
             hierarchical=cfg.hierarchical,
@@ -166,7 +189,8 @@ class BridgeTrainer:
         null = self.data.native_null
         self.bridge = LLMBridge(ccfg, null.tokens[0], null.mask[0])
         self.bridge.attach(unet)
-        self.head = ClipAlignmentHead(self.encoder.hidden_size, self.data.clip_image.shape[1])
+        clip = self.data.clip_image
+        self.head = None if clip is None else ClipAlignmentHead(self.encoder.hidden_size, clip.shape[1])
         self.module = BridgeTrainModule(self.bridge, self.head, self.encoder, unet, self.backbone.training_scheduler())
         self._inject_adapters()
         self.checkpoint_names = self._all_stage_param_names()
@@ -203,10 +227,11 @@ class BridgeTrainer:
     def configure_stage(self, stage: StageConfig) -> list[dict]:
         """Freeze everything, then unfreeze exactly the stage's parameter groups; returns optimizer groups."""
         for m in (self.encoder.model, self.backbone.unet, self.bridge, self.head, self.backbone.vae):
-            m.requires_grad_(False)
+            if m is not None:
+                m.requires_grad_(False)
         groups = []
         if "connector" in stage.train:
-            params = [p for p in list(self.bridge.parameters()) + list(self.head.parameters())]
+            params = list(self.bridge.parameters()) + ([] if self.head is None else list(self.head.parameters()))
             for p in params:
                 p.requires_grad_(True)
             groups.append({"params": params, "lr": stage.lr, "weight_decay": stage.weight_decay, "name": "connector"})
@@ -415,7 +440,7 @@ class BridgeTrainer:
             "plans": plans,
             "states": None if states is None else states.index(idx).to(dev, torch.float32),
             "z0": data.latents[idx].to(dev),
-            "clip_image": data.clip_image[idx].to(dev),
+            "clip_image": None if data.clip_image is None else data.clip_image[idx].to(dev),
             "native": data.native(idx).to(dev) if self.cfg.mode == "concat" else None,
             "native_null": data.native_null.to(dev),
             "drop": drop.to(dev),

@@ -75,7 +75,8 @@ class StageConfig:
 @dataclass
 class BridgeTrainConfig:
     data: str = "data/toy50k"  # `plan2img data build` folder (its train split)
-    base: str = "toyworld/pretrained/base"  # frozen base (VAE, U-Net, text encoder)
+    base: str = "toyworld/pretrained/base"  # frozen base (VAE, U-Net, text encoder): toy, SD 1.x/2.x or SDXL
+    clip_image_model: str | None = None  # a local HF CLIP folder for the alignment targets (bases without one)
     planner: str = "toyworld/pretrained/planner"  # the planner LLM (hidden states come from it)
     out: str = "runs/bridge"
     connector: str = "resampler-64q"  # preset name (llm_bridge.connector.CONNECTOR_PRESETS)

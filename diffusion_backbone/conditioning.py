@@ -4,7 +4,8 @@ A native text encoder, the LLM bridge and a learned null all produce one. ``toke
 cross-attention (the "what"); ``pooled`` is an optional global vector (the "how", e.g. through a
 zero-initialised modulation of the time embedding); ``per_depth`` optionally routes different tokens to
 different U-Net blocks (hierarchical injection); ``regions`` optionally confines groups of tokens to regions of
-the image (plan-grounded spatial injection, see `Regions`).
+the image (plan-grounded spatial injection, see `Regions`); ``time_ids`` are SDXL's size and crop
+micro-conditioning (with ``pooled`` as its ``text_embeds``: the U-Net's ``added_cond_kwargs``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # (B, d_g) global vector
     per_depth: dict[str, Conditioning] | None = field(default=None)  # depth group -> its own tokens and mask
     regions: Regions | None = None  # token groups confined to image regions (None: every token acts everywhere)
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop top-left, target size
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, torch.Tensor) or self.tokens.ndim != 3:
@@ -94,6 +96,8 @@ class Conditioning:
             raise ValueError(f"Conditioning.mask must be a ({b}, {m}) bool tensor, got {_shape(self.mask)}")
         if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != b):
             raise ValueError(f"Conditioning.pooled must be a ({b}, d) tensor, got {_shape(self.pooled)}")
+        if self.time_ids is not None and (self.time_ids.ndim != 2 or self.time_ids.shape[0] != b):
+            raise ValueError(f"Conditioning.time_ids must be a ({b}, 6) tensor, got {_shape(self.time_ids)}")
         for name, c in (self.per_depth or {}).items():
             if not isinstance(c, Conditioning) or c.batch_size != b or c.dim != self.dim:
                 raise ValueError(
@@ -125,7 +129,7 @@ class Conditioning:
 
         per_depth = None if self.per_depth is None else {k: v.to(device, dtype) for k, v in self.per_depth.items()}
         regions = None if self.regions is None else self.regions.to(device, dtype)
-        return Conditioning(mv(self.tokens), mv(self.mask), mv(self.pooled), per_depth, regions)
+        return Conditioning(mv(self.tokens), mv(self.mask), mv(self.pooled), per_depth, regions, mv(self.time_ids))
 
     def to_prompt_embeds(self) -> torch.Tensor:
         """The ``prompt_embeds`` a stock diffusers pipeline accepts: tokens with masked positions zeroed.
@@ -164,7 +168,9 @@ class Conditioning:
         if other.per_depth is not None:
             per_depth = {k: self.concat_tokens(v) for k, v in other.per_depth.items()}
         regions = _concat_regions(self, other)
-        return Conditioning(torch.cat([self.tokens, other.tokens], dim=1), mask, pooled, per_depth, regions)
+        time_ids = other.time_ids if other.time_ids is not None else self.time_ids
+        tokens = torch.cat([self.tokens, other.tokens], dim=1)
+        return Conditioning(tokens, mask, pooled, per_depth, regions, time_ids)
 
     def index(self, idx) -> Conditioning:
         """Select rows of the batch."""
@@ -174,7 +180,7 @@ class Conditioning:
 
         per_depth = None if self.per_depth is None else {k: v.index(idx) for k, v in self.per_depth.items()}
         regions = None if self.regions is None else self.regions.index(idx)
-        return Conditioning(sel(self.tokens), sel(self.mask), sel(self.pooled), per_depth, regions)
+        return Conditioning(sel(self.tokens), sel(self.mask), sel(self.pooled), per_depth, regions, sel(self.time_ids))
 
     def repeat(self, n: int) -> Conditioning:
         """Repeat each row ``n`` times (row i -> rows i*n .. i*n+n-1), e.g. for several images per prompt."""
@@ -197,11 +203,8 @@ class Conditioning:
             tokens.append(torch.nn.functional.pad(c.tokens, (0, 0, 0, pad)))
             masks.append(torch.nn.functional.pad(mask, (0, pad), value=False))
         any_mask = any(c.mask is not None for c in items) or len({c.tokens.shape[1] for c in items}) > 1
-        pooled = None
-        if all(c.pooled is not None for c in items):
-            pooled = torch.cat([c.pooled for c in items])
-        elif any(c.pooled is not None for c in items):
-            raise ValueError("Conditioning.cat: either all items have a pooled vector or none")
+        pooled = _cat_optional(items, "pooled", "a pooled vector")
+        time_ids = _cat_optional(items, "time_ids", "time_ids")
         per_depth = None
         if all(c.per_depth is not None for c in items):
             keys = set(items[0].per_depth)
@@ -215,7 +218,17 @@ class Conditioning:
         if with_regions:  # rows without regions (e.g. the unconditional branch of CFG) get global tokens only
             rows = [c.regions or Regions.empty(c.batch_size, c.tokens.shape[1], with_regions[0]) for c in items]
             regions = Regions.cat(rows, m)
-        return Conditioning(torch.cat(tokens), torch.cat(masks) if any_mask else None, pooled, per_depth, regions)
+        mask = torch.cat(masks) if any_mask else None
+        return Conditioning(torch.cat(tokens), mask, pooled, per_depth, regions, time_ids)
+
+
+def _cat_optional(items: list[Conditioning], name: str, what: str) -> torch.Tensor | None:
+    values = [getattr(c, name) for c in items]
+    if all(v is not None for v in values):
+        return torch.cat(values)
+    if any(v is not None for v in values):
+        raise ValueError(f"Conditioning.cat: either all items have {what} or none")
+    return None
 
 
 def _concat_regions(first: Conditioning, second: Conditioning) -> Regions | None:

@@ -7,6 +7,8 @@ The toy base (``toyworld/pretrained/base``) and a real Stable Diffusion 1.x/2.x 
     FOLDER/scheduler/scheduler_config.json
     FOLDER/text_encoder/ + FOLDER/tokenizer/   (HF CLIPTextModel, or an open_clip model: see text_encoders)
 
+SDXL folders add ``text_encoder_2/`` + ``tokenizer_2/``; their U-Net takes SDXL's added conditioning (`sdxl`).
+
 Only safetensors are loaded: a folder whose weights are pickled (``.bin``, ``.ckpt``, ``.pt``) is refused,
 and a missing or corrupt weight file raises `BackboneLoadError` naming the file.
 """
@@ -20,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from diffusion_backbone.sampling import make_scheduler
+from diffusion_backbone.sdxl import image_size, uses_text_time
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -137,6 +140,8 @@ def load_backbone(
         from diffusion_backbone.text_encoders import load_text_encoder
 
         encoder = load_text_encoder(root, dtype=dtype)
+        if uses_text_time(unet):  # SDXL: the encoder's time_ids follow the U-Net's sample size
+            encoder.image_size = image_size(unet, vae)
     backbone = Backbone(unet, vae, scheduler_config, encoder, root)
     return backbone.to(device).freeze()
 

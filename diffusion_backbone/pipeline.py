@@ -71,7 +71,7 @@ class TextToImagePipeline:
 
     def unconditional(self) -> Conditioning:
         if self._uncond is None:
-            self._uncond = self.backbone.text_encoder.encode([""])
+            self._uncond = self.backbone.text_encoder.encode_negative([""])
         return self._uncond
 
     @torch.no_grad()

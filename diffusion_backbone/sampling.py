@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.injection import has_routing
+from diffusion_backbone.sdxl import added_cond_kwargs
 
 SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -46,10 +47,13 @@ def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, s
 
 def unet_forward(unet, latents: torch.Tensor, t, cond: Conditioning, **unet_kwargs) -> torch.Tensor:
     """One U-Net call on a `Conditioning`: tokens as encoder states, mask as encoder attention mask, the pooled
-    vector as ``class_labels`` when a time modulation is installed, per-depth groups and regions to routed
-    processors."""
+    vector as ``class_labels`` when a time modulation is installed (or, on SDXL, as ``text_embeds`` with the
+    ``time_ids``), per-depth groups and regions to routed processors."""
     kwargs = dict(unet_kwargs)
-    if getattr(unet, "class_embedding", None) is not None:
+    added = added_cond_kwargs(unet, cond)
+    if added is not None:
+        kwargs["added_cond_kwargs"] = added
+    elif getattr(unet, "class_embedding", None) is not None:
         if cond.pooled is None:
             raise ValueError("this U-Net has a time modulation installed but the conditioning has no pooled vector")
         kwargs["class_labels"] = cond.pooled

@@ -2,11 +2,16 @@
 
 - `HFCLIPTextEncoder`: Hugging Face ``CLIPTextModel`` + ``CLIPTokenizer``, what Stable Diffusion folders hold.
   Tokens are the last hidden state over the padded 77 positions, exactly what SD's pipeline feeds the U-Net.
+- `SDXLTextEncoder`: SDXL's two encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``), exactly as
+  ``StableDiffusionXLPipeline.encode_prompt``: the penultimate hidden states of both, concatenated along the
+  width, and the second encoder's projected pooled output as ``pooled``; ``time_ids`` for the U-Net's sample
+  size.
 - `OpenCLIPTextEncoder`: an open_clip model's text tower (``output_tokens``) with a Hugging Face tokenizer;
   the toy world's CLIP. Tokens are the final-LayerNorm states; padding is masked.
 
-Folder layout: ``FOLDER/text_encoder`` + ``FOLDER/tokenizer``. An open_clip encoder stores
-``open_clip_config.json`` (``{"model_cfg": ..., "model_name": ...}``) and ``open_clip_model.safetensors``.
+Folder layout: ``FOLDER/text_encoder`` + ``FOLDER/tokenizer`` (SDXL: also ``text_encoder_2`` + ``tokenizer_2``).
+An open_clip encoder stores ``open_clip_config.json`` (``{"model_cfg": ..., "model_name": ...}``) and
+``open_clip_model.safetensors``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import torch
 
 from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.sdxl import default_time_ids, with_time_ids
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -38,6 +44,11 @@ class TextEncoder:
 
     def encode(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def encode_negative(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of negative prompts (CFG's unconditional branch); the same as `encode` unless the
+        model zeroes empty negative prompts (SDXL's ``force_zeros_for_empty_prompt``)."""
+        return self.encode(prompts)
 
     def to(self, device=None, dtype=None) -> TextEncoder:  # pragma: no cover - interface
         raise NotImplementedError
@@ -219,9 +230,92 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.tokenizer.save_pretrained(str(Path(folder) / "tokenizer"))
 
 
+class SDXLTextEncoder(TextEncoder):
+    """SDXL's two text encoders; see the module docstring. ``image_size`` (height, width) sets the ``time_ids``
+    of every conditioning (`load_backbone` sets it from the U-Net and VAE); None leaves them out."""
+
+    def __init__(self, model, tokenizer, model_2, tokenizer_2, *, image_size: tuple[int, int] | None = None,
+                 force_zeros_for_empty_prompt: bool = True):  # fmt: skip
+        self.models = [model, model_2]
+        self.tokenizers = [tokenizer, tokenizer_2]
+        self.dim = model.config.hidden_size + model_2.config.hidden_size
+        self.pooled_dim = model_2.config.projection_dim
+        self.max_length = min(tokenizer.model_max_length, tokenizer_2.model_max_length)
+        self.image_size = image_size
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @classmethod
+    def from_folder(cls, root: Path, dtype: torch.dtype = torch.float32) -> SDXLTextEncoder:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from diffusion_backbone.models import BackboneLoadError, check_weights_folder
+
+        parts = []
+        for suffix, model_cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+            check_weights_folder(root / f"text_encoder{suffix}", f"text encoder{suffix}")
+            try:
+                model = model_cls.from_pretrained(
+                    str(root / f"text_encoder{suffix}"), torch_dtype=dtype, use_safetensors=True, local_files_only=True
+                )
+                tok = CLIPTokenizer.from_pretrained(str(root / f"tokenizer{suffix}"), local_files_only=True)
+            except Exception as err:
+                raise BackboneLoadError(f"text encoder{suffix}: could not load from {root}: {err}") from None
+            parts += [model, tok]
+        force_zeros = True
+        index = root / "model_index.json"
+        if index.is_file():
+            force_zeros = bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+        return cls(*parts, force_zeros_for_empty_prompt=force_zeros)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        prompts = _check_prompts(prompts)
+        states, pooled = [], None
+        for model, tok in zip(self.models, self.tokenizers):
+            ids = tok(
+                prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(model.device)
+            out = model(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            if out[0].ndim == 2:  # the projected pooled output of the second encoder
+                pooled = out[0]
+        cond = Conditioning(torch.cat(states, dim=-1), None, pooled)
+        return cond if self.image_size is None else with_time_ids(cond, default_time_ids(self.image_size))
+
+    def encode_negative(self, prompts: list[str]) -> Conditioning:
+        prompts = _check_prompts(prompts)
+        cond = self.encode(prompts)
+        if self.force_zeros_for_empty_prompt and all(p == "" for p in prompts):
+            zero = Conditioning(torch.zeros_like(cond.tokens), None, torch.zeros_like(cond.pooled))
+            return zero if cond.time_ids is None else with_time_ids(zero, cond.time_ids[0])
+        return cond
+
+    def to(self, device=None, dtype=None) -> SDXLTextEncoder:
+        for model in self.models:
+            model.to(device=device, dtype=dtype)
+        return self
+
+    def freeze(self) -> SDXLTextEncoder:
+        for model in self.models:
+            model.requires_grad_(False).eval()
+        return self
+
+    def save(self, folder: Path, dtype: torch.dtype | None = None) -> None:
+        for suffix, model, tok in zip(("", "_2"), self.models, self.tokenizers):
+            state = None
+            if dtype is not None:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            out = Path(folder) / f"text_encoder{suffix}"
+            model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+            tok.save_pretrained(str(Path(folder) / f"tokenizer{suffix}"))
+
+
 def load_text_encoder(root: str | Path, dtype: torch.dtype = torch.float32) -> TextEncoder:
-    """The text encoder of a model folder: open_clip if ``text_encoder/open_clip_config.json`` exists, else HF CLIP."""
+    """The text encoder of a model folder: open_clip if ``text_encoder/open_clip_config.json`` exists, SDXL's pair
+    if ``text_encoder_2`` exists, else HF CLIP."""
     root = Path(root)
     if (root / "text_encoder" / "open_clip_config.json").is_file():
         return OpenCLIPTextEncoder.from_folder(root, dtype)
+    if (root / "text_encoder_2").is_dir():
+        return SDXLTextEncoder.from_folder(root, dtype)
     return HFCLIPTextEncoder.from_folder(root, dtype)

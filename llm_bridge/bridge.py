@@ -22,6 +22,7 @@ from diffusion_backbone.injection import (
     install_time_modulation,
     time_embedding_dim,
 )
+from diffusion_backbone.sdxl import text_embeds_dim, uses_text_time
 from llm_bridge.connector import Connector, ConnectorConfig, NullConditioning
 from llm_bridge.encoder import PlanStates
 from safeio import atomic_dir
@@ -42,7 +43,8 @@ class LLMBridge(nn.Module):
         self.config = config
         self.connector = Connector(config)
         groups = GROUPS if config.hierarchical != "off" else ()
-        self.null = NullConditioning(null_tokens, null_mask, config.d_pooled if config.d_time else None, groups)
+        d_null_pooled = config.d_text_embeds or (config.d_pooled if config.d_time else None)
+        self.null = NullConditioning(null_tokens, null_mask, d_null_pooled, groups, config.time_ids)
         self.llm_delta: dict[str, torch.Tensor] = {}  # parameter name -> weights (applied to the planner LLM)
         self.unet_delta: dict[str, torch.Tensor] = {}  # parameter name -> weights (applied to the U-Net)
 
@@ -97,10 +99,27 @@ class LLMBridge(nn.Module):
                 f"the connector outputs width {c.d_ctx} but the U-Net's cross-attention "
                 f"expects {unet.config.cross_attention_dim}"
             )
+        if uses_text_time(unet):
+            self._check_sdxl(unet)
+        elif c.d_text_embeds or c.time_ids is not None:
+            raise BridgeLoadError(
+                "this connector was built for an SDXL U-Net (text_embeds, time_ids); this U-Net is not SDXL"
+            )
         if c.d_time and c.d_time != time_embedding_dim(unet):
             raise BridgeLoadError(
                 f"the connector's time modulation has width {c.d_time} but the U-Net's time "
                 f"embedding has {time_embedding_dim(unet)}"
+            )
+
+    def _check_sdxl(self, unet) -> None:
+        c = self.config
+        if c.d_time:
+            raise BridgeLoadError("an SDXL U-Net takes the pooled vector as text_embeds: the connector must not "
+                                  "have a time modulation (d_time)")  # fmt: skip
+        if c.mode == "replace" and (c.d_text_embeds != text_embeds_dim(unet) or c.time_ids is None):
+            raise BridgeLoadError(
+                f"a replace-mode connector for this SDXL U-Net must emit text_embeds of width {text_embeds_dim(unet)} "
+                f"and time_ids (it has d_text_embeds={c.d_text_embeds}, time_ids={c.time_ids})"
             )
 
     def attach(self, unet) -> None:

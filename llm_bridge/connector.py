@@ -7,7 +7,9 @@ connector normalises its input (LayerNorm) and initialises its output projection
 training starts from conditioning that barely moves the frozen U-Net.
 
 Two streams: ``tokens`` for cross-attention ("what"), and ``pooled`` for a zero-initialised modulation of
-the U-Net's time embedding ("how").
+the U-Net's time embedding ("how"). On SDXL (``d_text_embeds``) the pooled stream is instead the U-Net's own
+``text_embeds`` (zero at initialisation, as SDXL's empty negative prompt), and every conditioning carries the
+configured ``time_ids``.
 
 Spatial injection (``spatial=True``, given region masks from the plan's layout, `llm_bridge.layout`): besides
 the global tokens (the whole plan, acting everywhere), each OBJECT entry gets its own token group, confined to
@@ -32,6 +34,7 @@ from torch import nn
 
 from diffusion_backbone.conditioning import Conditioning, Regions
 from diffusion_backbone.injection import GROUPS, TimeModulation
+from diffusion_backbone.sdxl import with_time_ids
 from llm_bridge.encoder import FIELD_INDEX, PlanStates
 
 CONNECTOR_PRESETS: dict[str, dict] = {
@@ -63,6 +66,8 @@ class ConnectorConfig:
     heads: int = 4
     timestep_aware: bool = False  # resampler only: AdaLN on the diffusion timestep (ELLA's TSC)
     d_pooled: int = 256  # width of the pooled vector before the time modulation
+    d_text_embeds: int | None = None  # SDXL: width of the pooled text_embeds the U-Net's added conditioning takes
+    time_ids: list[int] | None = None  # SDXL: the six micro-conditioning values (original size, crop, target size)
     hierarchical: str = "off"  # off | fixed | learned
     mode: str = "replace"  # replace | concat (native text tokens first, then the connector's)
     init_std: float = 0.02  # std of the output projection (small: start near the base model)
@@ -96,6 +101,10 @@ class ConnectorConfig:
             raise ValueError(f"region_strength must be in [0, 1], got {self.region_strength}")
         if self.spatial and self.hierarchical != "off":
             raise ValueError("spatial injection and hierarchical injection cannot be combined")
+        if self.d_text_embeds and self.d_time:
+            raise ValueError("SDXL text_embeds (d_text_embeds) and a time modulation (d_time) cannot be combined")
+        if self.time_ids is not None and len(self.time_ids) != 6:
+            raise ValueError(f"time_ids must be six values, got {self.time_ids}")
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> ConnectorConfig:
@@ -199,6 +208,13 @@ class Connector(nn.Module):
         if c.d_time:
             self.pool = nn.Sequential(nn.Linear(c.d_llm, c.d_pooled), nn.GELU(), nn.Linear(c.d_pooled, c.d_pooled))
             self.time_modulation = TimeModulation(c.d_pooled, c.d_time)  # zero-init: U-Net unchanged at start
+        elif c.d_text_embeds:
+            self.pool = nn.Sequential(
+                nn.Linear(c.d_llm, c.d_pooled), nn.GELU(), nn.Linear(c.d_pooled, c.d_text_embeds)
+            )
+            nn.init.zeros_(self.pool[2].weight)  # zero text_embeds at the start: SDXL's own empty negative prompt
+            nn.init.zeros_(self.pool[2].bias)
+            self.time_modulation = None
         else:
             self.pool, self.time_modulation = None, None
         if c.hierarchical != "off":
@@ -249,6 +265,10 @@ class Connector(nn.Module):
     ) -> Conditioning:
         """Plan states -> conditioning; with ``spatial`` and ``region_masks`` (B, K, H, W) from the plan's layout,
         object token groups confined to their regions are added (see the module docstring)."""
+        cond = self._conditioning(plan, timestep, region_masks)
+        return cond if self.config.time_ids is None else with_time_ids(cond, self.config.time_ids)
+
+    def _conditioning(self, plan: PlanStates, timestep, region_masks) -> Conditioning:
         c = self.config
         if plan.states.shape[-1] != c.d_llm:
             raise ValueError(f"plan states have width {plan.states.shape[-1]}, the connector expects {c.d_llm}")
@@ -333,7 +353,12 @@ class NullConditioning(nn.Module):
     """
 
     def __init__(
-        self, tokens: torch.Tensor, mask: torch.Tensor | None, d_pooled: int | None, groups: tuple[str, ...] = ()
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None,
+        d_pooled: int | None,
+        groups: tuple[str, ...] = (),
+        time_ids: list[int] | None = None,
     ):
         super().__init__()
         self.tokens = nn.Parameter(tokens.detach().clone().float().reshape(1, *tokens.shape[-2:]))
@@ -341,10 +366,12 @@ class NullConditioning(nn.Module):
         self.register_buffer("mask", m.reshape(1, -1).bool().clone())
         self.pooled = nn.Parameter(torch.zeros(1, d_pooled)) if d_pooled else None
         self.groups = groups
+        self.time_ids = time_ids
 
     def forward(self, batch_size: int) -> Conditioning:
         tokens = self.tokens.expand(batch_size, -1, -1)
         mask = self.mask.expand(batch_size, -1)
         pooled = None if self.pooled is None else self.pooled.expand(batch_size, -1)
         per_depth = {g: Conditioning(tokens, mask) for g in self.groups} if self.groups else None
-        return Conditioning(tokens, mask, pooled, per_depth)
+        cond = Conditioning(tokens, mask, pooled, per_depth)
+        return cond if self.time_ids is None else with_time_ids(cond, self.time_ids)

@@ -110,7 +110,7 @@ class NativeLayoutPipeline:
 
     def unconditional(self) -> Conditioning:
         if self._uncond is None:
-            self._uncond = self.backbone.text_encoder.encode([""])
+            self._uncond = self.backbone.text_encoder.encode_negative([""])
         return self._uncond
 
     def plans_for(self, prompts: list[str]) -> list[str]:

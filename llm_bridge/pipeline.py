@@ -131,7 +131,7 @@ class Plan2ImgPipeline:
         if self.bridge.config.mode != "concat":
             return None
         if self._native_null is None:
-            self._native_null = self.backbone.text_encoder.encode([""])
+            self._native_null = self.backbone.text_encoder.encode_negative([""])
         return self._native_null
 
     @torch.no_grad()

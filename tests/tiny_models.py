@@ -218,3 +218,83 @@ def tiny_bridge_config(data, base, planner, out, stages: dict, **overrides) -> d
         "stages": stages,
         **overrides,
     }
+
+
+def tiny_sdxl_unet(sample_size: int = 8) -> UNet2DConditionModel:
+    """A tiny SDXL-shaped U-Net (diffusers' SDXL test config): text_time added conditioning, linear projections,
+    cross-attention width 64 (two 32-wide text encoders), 32-wide pooled text_embeds."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 32 (text_embeds) + 6 * 8 (time ids)
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+
+
+def save_tiny_sdxl(folder: Path) -> Path:
+    """An SDXL-shaped folder of tiny random components (two text encoders, safetensors)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok = tiny_clip_tokenizer(folder / "tokenizer")
+    tok.save_pretrained(str(folder / "tokenizer"))
+    tok.save_pretrained(str(folder / "tokenizer_2"))
+    tiny_clip_text_model(len(tok)).save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+    torch.manual_seed(1)
+    cfg = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tok),
+        max_position_embeddings=16,
+        projection_dim=32,
+    )
+    CLIPTextModelWithProjection(cfg).eval().save_pretrained(str(folder / "text_encoder_2"), safe_serialization=True)
+    tiny_sdxl_unet().save_pretrained(str(folder / "unet"), safe_serialization=True)
+    tiny_vae().save_pretrained(str(folder / "vae"), safe_serialization=True)
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(str(folder / "scheduler"))
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def save_tiny_clip_vision(folder: Path, image_size: int = 16) -> Path:
+    """A tiny HF CLIP image tower with projection and its image processor (the alignment targets for SD/SDXL)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(cfg).save_pretrained(str(folder), safe_serialization=True)
+    size = {"shortest_edge": image_size}
+    CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(str(folder))
+    return folder
