@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -21,11 +20,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.bridge_data import BridgeData, hidden_state_cache, load_bridge_data
-from alignment.loop import EMA, EpochSampler, JsonlLogger, check_finite, warmup_cosine
+from alignment.loop import EMA, EpochSampler, JsonlLogger, TrainLoop, warmup_cosine
 from alignment.losses import ClipAlignmentHead, clip_alignment_loss, diffusion_loss, diffusion_target
 from alignment.stages import BridgeTrainConfig, StageConfig
 from diffusion_backbone.injection import time_embedding_dim
@@ -192,6 +190,7 @@ class BridgeTrainer:
         clip = self.data.clip_image
         self.head = None if clip is None else ClipAlignmentHead(self.encoder.hidden_size, clip.shape[1])
         self.module = BridgeTrainModule(self.bridge, self.head, self.encoder, unet, self.backbone.training_scheduler())
+        self.module.to(self.accelerator.device)  # before any optimizer or EMA is made from its parameters
         self._inject_adapters()
         self.checkpoint_names = self._all_stage_param_names()
         self.states: PlanStates | None = None
@@ -462,63 +461,39 @@ class BridgeTrainer:
         except (OSError, KeyError, RuntimeError, ValueError) as err:
             raise ValueError(f"checkpoint {folder} does not match stage {stage.name}: {err}") from None
 
-    def _micro_step(self, module, opt, sched, stage: StageConfig, batch: dict, where: tuple[int, str]):
-        """Forward + backward of one micro-batch; the optimizer and LR schedule move only on the last one of an
-        accumulation window (accelerate skips them otherwise)."""
-        acc = self.accelerator
-        with acc.accumulate(module), acc.autocast():
-            losses = module(**batch)
-            check_finite(losses["total"], *where)
-            acc.backward(losses["total"])
-            if acc.sync_gradients:
-                acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], stage.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        return losses
-
     def _run_stage(self, si: int, stage: StageConfig, start: int, offset: int, stop_at: int | None) -> bool:
-        """Run optimizer steps ``start..`` of stage ``si``; ``stage.steps`` counts optimizer steps, each of
-        ``grad_accum`` micro-batches. Returns whether the stage finished (not stopped by ``stop_at``)."""
+        """Run optimizer steps ``start..`` of stage ``si`` through the one loop; ``stage.steps`` counts optimizer
+        steps, each of ``grad_accum`` micro-batches. Returns whether the stage finished (not stopped by
+        ``stop_at``)."""
         acc = self.accelerator
-        acc.gradient_accumulation_steps = stage.grad_accum
         opt, sched, ema, gen = self._fresh_state(si)
         if start > 0:
             self._restore_stage(stage, opt, sched, ema, gen)
-        module, opt, sched = acc.prepare(self.module, opt, sched)
+        module, opt = acc.prepare(self.module, opt)
         states = self.hidden_states(stage)
         sampler = EpochSampler(len(self.data), stage.batch_size, self.cfg.seed + 31 * si)
         self.module.train()
         self.backbone.unet.eval()  # no dropout in the frozen parts
         self.encoder.model.eval()
         end = stage.steps if stop_at is None else min(stage.steps, max(0, stop_at - offset))
-        bar = tqdm(total=stage.steps, initial=start, desc=f"stage {stage.name}", disable=not self.progress)
-        t_last = time.perf_counter()
-        ga = stage.grad_accum
-        for micro in range(start * ga, end * ga):
-            step = micro // ga
-            batch = sampler.batch(micro)  # the global batch; each process takes its rows in make_batch
-            where = (offset + step, f"loss (stage {stage.name}, batch rows {batch[:6].tolist()}...)")
-            losses = self._micro_step(module, opt, sched, stage, self.make_batch(stage, batch, gen, states), where)
-            if not acc.sync_gradients:
-                continue
-            ema.update()  # once per optimizer step, not per micro-batch
-            bar.update(1)
-            if (step + 1) % self.cfg.log_every == 0:
-                now = time.perf_counter()
-                mean = {k: float(acc.reduce(v.detach(), "mean")) for k, v in losses.items()}  # over processes
-                if acc.is_main_process:
-                    self.logger.log(
-                        step=offset + step + 1,
-                        stage=stage.name,
-                        lr=sched.get_last_lr()[0],
-                        sec_per_step=(now - t_last) / self.cfg.log_every,
-                        **mean,
-                    )
-                t_last = now
-            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == end:
-                self.save_checkpoint(si, step + 1, opt, sched, ema, gen)
-        bar.close()
+        loop = TrainLoop(
+            acc, module, opt, sched, [p for g in opt.param_groups for p in g["params"]],
+            grad_clip=stage.grad_clip, grad_accum=stage.grad_accum, ema=ema, logger=self.logger,
+            log_every=self.cfg.log_every, checkpoint_every=self.cfg.checkpoint_every, loss_key="total",
+            step_offset=offset, log_fields={"stage": stage.name}, desc=f"stage {stage.name}", progress=self.progress,
+        )  # fmt: skip
+
+        def losses(micro: int) -> dict[str, torch.Tensor]:
+            # the global batch; each process takes its rows in make_batch
+            return module(**self.make_batch(stage, sampler.batch(micro), gen, states))
+
+        def what(micro: int) -> str:
+            return f"loss (stage {stage.name}, batch rows {sampler.batch(micro)[:6].tolist()}...)"
+
+        def save(step: int) -> None:
+            self.save_checkpoint(si, step, opt, sched, ema, gen)
+
+        loop.run(losses, start, end, stage.steps, save, what)
         if end < stage.steps:
             return False
         ema.copy_to()  # export the EMA weights

@@ -1,4 +1,5 @@
-"""Pieces every training loop here shares: JSONL metrics, LR schedules, EMA (diffusers), exact-resume checkpoints.
+"""The one training loop (`TrainLoop`, on accelerate) and what it needs: JSONL metrics, LR schedules, EMA
+(diffusers), exact-resume checkpoints.
 
 A checkpoint is a folder written atomically (temp folder + rename): model weights as safetensors, optimizer
 and LR-scheduler state via ``torch.save`` (read back with ``weights_only=True``), RNG states and the data
@@ -9,15 +10,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from safeio import atomic_dir
+from safeio import atomic_dir, atomic_write_json
 
 
 class JsonlLogger:
@@ -89,8 +94,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """One update; call it once per optimizer step (not per gradient-accumulation micro-step)."""
-        self.ema.step(list(self.params.values()))  # EMAModel copies (not averages) params that need no grad
+        """One update; call it once per optimizer step (not per gradient-accumulation micro-step). The averages
+        follow the parameters' device (a model moved after the EMA was made, e.g. by ``accelerator.prepare``)."""
+        params = list(self.params.values())
+        if params and self.ema.shadow_params[0].device != params[0].device:
+            self.ema.to(device=params[0].device)
+        self.ema.step(params)  # EMAModel copies (not averages) params that need no grad
 
     @torch.no_grad()
     def copy_to(self, params: dict[str, torch.nn.Parameter] | None = None) -> None:
@@ -201,3 +210,139 @@ def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
     """Stop with the step named when a loss is NaN or inf."""
     if not torch.isfinite(loss).all():
         raise FloatingPointError(f"{what} is {loss.item()} at step {step}; stopping (last good checkpoint kept)")
+
+
+LossFn = Callable[[int], dict[str, torch.Tensor]]  # micro-batch index -> losses (and other scalars to log)
+
+
+@dataclass
+class TrainLoop:
+    """The one optimisation loop every trainer runs (base VAE / CLIP / U-Net, bridge stages; DPO and the critic
+    later): each trainer hands it a loss function of the micro-batch index and a checkpoint writer.
+
+    A step is ``grad_accum`` micro-batches under accelerate's ``accumulate`` and ``autocast``; the gradient is
+    clipped, the optimizer, LR schedule and EMA move, the log is written and checkpoints are taken once per
+    optimizer step. The LR schedule is stepped here, not by accelerate (whose prepared scheduler steps once per
+    process under DDP), so N processes follow the schedule one does. Losses are averaged over processes for the
+    log; only the main process logs. A NaN or inf ``loss_key`` stops the run naming the step (and ``what``).
+    """
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # the (prepared) module whose gradients accumulate
+    optimizer: torch.optim.Optimizer  # prepared
+    lr_scheduler: object
+    params: list[torch.nn.Parameter]  # what the gradient clip sees
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    ema: EMA | None = None
+    logger: JsonlLogger | None = None
+    log_every: int = 25
+    checkpoint_every: int = 250
+    loss_key: str = "loss"
+    step_offset: int = 0  # added to logged/named steps (a curriculum's earlier stages)
+    log_fields: dict = field(default_factory=dict)  # constant fields of every log record (e.g. the stage)
+    desc: str = "train"
+    progress: bool = True
+    autocast: Callable[[], AbstractContextManager] | None = None  # None: the accelerator's mixed precision
+
+    def run(self, loss_fn: LossFn, start: int, end: int, total: int, save: Callable[[int], None],
+            what: Callable[[int], str] | None = None) -> None:  # fmt: skip
+        """Optimizer steps ``start..end`` (of ``total``); ``save(step)`` writes a checkpoint after ``step`` steps
+        (every ``checkpoint_every`` and at ``end``)."""
+        acc, ga = self.accelerator, self.grad_accum
+        acc.gradient_accumulation_steps = ga
+        bar = tqdm(total=total, initial=start, desc=self.desc, disable=not self.progress)
+        t_last = time.perf_counter()
+        for micro in range(start * ga, end * ga):
+            step = micro // ga
+            losses, grad_norm = self._micro_step(loss_fn, micro, step, what)
+            if not acc.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update()  # once per optimizer step, not per micro-batch
+            bar.update(1)
+            if (step + 1) % self.log_every == 0:
+                now = time.perf_counter()
+                self._log(step + 1, losses, grad_norm, (now - t_last) / self.log_every)
+                t_last = now
+            if (step + 1) % self.checkpoint_every == 0 or step + 1 == end:
+                save(step + 1)
+        bar.close()
+
+    def _micro_step(self, loss_fn: LossFn, micro: int, step: int, what):
+        acc = self.accelerator
+        grad_norm = None
+        autocast = acc.autocast() if self.autocast is None else self.autocast()
+        with acc.accumulate(self.model), autocast:
+            losses = loss_fn(micro)
+            label = self.loss_key if what is None else what(micro)
+            check_finite(losses[self.loss_key], self.step_offset + step, label)
+            acc.backward(losses[self.loss_key])
+            if acc.sync_gradients and self.grad_clip:
+                grad_norm = acc.clip_grad_norm_(self.params, self.grad_clip)
+            self.optimizer.step()  # accelerate's optimizer skips the step inside an accumulation window
+            self.optimizer.zero_grad(set_to_none=True)
+        return losses, grad_norm
+
+    def _log(self, step: int, losses: dict, grad_norm, sec_per_step: float) -> None:
+        acc = self.accelerator
+        record = {}
+        for k, v in losses.items():
+            v = torch.as_tensor(v, dtype=torch.float32, device=acc.device).detach()
+            record[k] = float(acc.reduce(v, "mean"))  # over processes
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if self.logger is not None and acc.is_main_process:
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.logger.log(step=self.step_offset + step, **self.log_fields, lr=lr, sec_per_step=sec_per_step,
+                            **record)  # fmt: skip
+
+
+def base_accelerator() -> Accelerator:
+    """The accelerator of a single-model trainer: the GPU when there is one. Its mixed precision is left to the
+    process's accelerate state (one per process: a second trainer asking for another one would be refused), and
+    the trainer autocasts itself."""
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def fit(name: str, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
+        loss_fn: Callable[[int, torch.device], dict[str, torch.Tensor]], *, ema_decay: float | None = None,
+        generators: dict[str, torch.Generator] | None = None, progress: bool = True) -> bool:  # fmt: skip
+    """Train one model with `TrainLoop`, resuming from ``cfg.out/checkpoint``: what the base trainers (VAE, CLIP,
+    U-Net) share. ``cfg`` is a dataclass with ``out``, ``max_steps``, ``stop_at``, ``grad_clip``, ``bf16``,
+    ``log_every`` and ``checkpoint_every``; ``loss_fn(micro, device)`` returns the losses of micro-batch
+    ``micro`` (key ``loss`` is optimised). With ``ema_decay`` an EMA of the weights is kept and copied into the
+    model at the end. Returns whether ``max_steps`` were reached (False: stopped at ``cfg.stop_at``)."""
+    out = Path(cfg.out)
+    acc = base_accelerator()
+    model.to(acc.device)
+    ema = None if ema_decay is None else EMA(dict(model.named_parameters()), ema_decay)
+    logger = JsonlLogger(out / "log.jsonl")
+    state = TrainState()
+    if (out / "checkpoint").is_dir():
+        state = load_checkpoint(out / "checkpoint", {name: model}, optimizer, lr_scheduler, ema, generators)
+        logger.truncate_after(state.step)
+    atomic_write_json(out / "config.json", asdict(cfg))
+    model.train()
+    end = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
+
+    def autocast():
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+    # one process, one micro-batch a step: the model and optimizer need no accelerate wrapping (which would also
+    # impose the process's mixed precision on the model's forward)
+    loop = TrainLoop(acc, model, optimizer, lr_scheduler, list(model.parameters()), grad_clip=cfg.grad_clip, ema=ema,
+                     logger=logger, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, desc=name,
+                     progress=progress, autocast=autocast)  # fmt: skip
+
+    def save(step: int) -> None:
+        save_checkpoint(out / "checkpoint", TrainState(step), {name: model}, optimizer, lr_scheduler, ema, generators)
+
+    loop.run(lambda micro: loss_fn(micro, acc.device), state.step, end, cfg.max_steps, save)
+    if end < cfg.max_steps:
+        return False
+    if ema is not None:
+        ema.copy_to()  # export the EMA weights
+    model.eval()
+    return True

@@ -60,6 +60,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     _run([*launch, script, "train", str(tmp_path / "two.json")], tmp_path)
     logs = [[json.loads(x)["total"] for x in (runs[n] / "log.jsonl").read_text().splitlines()] for n in runs]
     assert len(logs[0]) == len(logs[1]) == 3
+    # the LR schedule moves once per optimizer step, not once per process (as accelerate's prepared scheduler does)
+    lrs = [[json.loads(x)["lr"] for x in (runs[n] / "log.jsonl").read_text().splitlines()] for n in runs]
+    assert lrs[0] == lrs[1]
     torch.testing.assert_close(torch.tensor(logs[1][:2]), torch.tensor(logs[0][:2]), atol=1e-5, rtol=1e-5)
     one = load_file(str(runs["one"] / "checkpoint" / "trainable.safetensors"))
     two = load_file(str(runs["two"] / "checkpoint" / "trainable.safetensors"))

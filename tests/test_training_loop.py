@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny_planner, save_tiny_sd, save_tiny_toy_base, tiny_bridge_config
 
 from alignment.bridge_training import BridgeTrainer, make_optimizer
+from alignment.loop import EMA
 from alignment.stages import config_from_dict
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.models import load_backbone
@@ -109,3 +110,14 @@ def test_gradient_checkpointing_gives_the_same_losses_and_8bit_adam_needs_cuda(w
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             make_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+
+
+def test_ema_follows_its_parameters_to_their_device():
+    # was: the averages stayed where the EMA was made, so a model moved by accelerator.prepare (CPU -> GPU) after
+    # the EMA was built failed at the first update
+    lin = torch.nn.Linear(3, 2)
+    ema = EMA(dict(lin.named_parameters()), decay=0.9)
+    # the same parameters, now on another device (as module.to("cuda") leaves them; meta stands in for the GPU)
+    ema.params = {n: torch.nn.Parameter(p.detach().to("meta")) for n, p in ema.params.items()}
+    ema.update()
+    assert {t.device.type for t in ema.shadow.values()} == {"meta"}

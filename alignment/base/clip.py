@@ -7,29 +7,19 @@ paraphrases of the same picture, so the InfoNCE targets treat every pair with eq
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from alignment.loop import (
-    EpochSampler,
-    JsonlLogger,
-    TrainState,
-    check_finite,
-    load_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
+from alignment.loop import EpochSampler, fit, warmup_cosine
 from alignment.prepared import cached_split, load_prepared
 from diffusion_backbone.sampling import images_to_tensor
 from diffusion_backbone.text_encoders import OpenCLIPTextEncoder
 from diffusion_backbone.toy import toy_clip_config
-from safeio import atomic_dir, atomic_write_json
+from safeio import atomic_dir
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]  # ids 0, 1, 2 (pad_id / eos_id of the open_clip config)
 
@@ -100,7 +90,8 @@ def make_encoder(data: str, seed: int) -> OpenCLIPTextEncoder:
 
 
 def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
-    """Train (resuming from ``cfg.out/checkpoint``); returns the folder holding text_encoder/ and tokenizer/."""
+    """Train through the one loop (resuming from ``cfg.out/checkpoint``); returns the folder holding
+    text_encoder/ and tokenizer/ (or the checkpoint when stopped early at ``cfg.stop_at``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -118,50 +109,22 @@ def train_clip(cfg: CLIPTrainConfig, progress: bool = True) -> Path:
     )
     sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     sampler = EpochSampler(len(images), cfg.batch_size, cfg.seed)
-    logger = JsonlLogger(out / "log.jsonl")
-    state = TrainState()
-    if (out / "checkpoint").is_dir():
-        state = load_checkpoint(out / "checkpoint", {"clip": model}, opt, sched)
-        logger.truncate_after(state.step)
-    atomic_write_json(out / "config.json", asdict(cfg))
-    model.train()
-    t_last = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="clip", disable=not progress)
-    for step in range(state.step, min(cfg.max_steps, cfg.stop_at or cfg.max_steps)):
+
+    def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
         idx = np.sort(sampler.batch(step).numpy())
-        x = images_to_tensor(images[idx])
-        ids = ids_all[idx]
-        same = plan_ids[idx][:, None] == plan_ids[idx][None, :]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            img = F.normalize(model.encode_image(x).float(), dim=-1)
-            txt = F.normalize(enc.forward_text(ids)[0].float(), dim=-1)
-        loss = clip_loss(img, txt, model.logit_scale.exp().clamp(max=100), same)
-        check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0:
-            now = time.perf_counter()
-            with torch.no_grad():
-                acc = ((img @ txt.t()).argmax(1) == torch.arange(len(idx))).float().mean().item()
-            logger.log(
-                step=step + 1,
-                loss=loss.item(),
-                batch_top1=acc,
-                logit_scale=model.logit_scale.exp().item(),
-                lr=sched.get_last_lr()[0],
-                sec_per_step=(now - t_last) / cfg.log_every,
-            )
-            t_last = now
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.max_steps, cfg.stop_at):
-            save_checkpoint(out / "checkpoint", TrainState(step + 1), {"clip": model}, opt, sched)
-    bar.close()
-    if cfg.stop_at is not None and cfg.stop_at < cfg.max_steps:
+        same = (plan_ids[idx][:, None] == plan_ids[idx][None, :]).to(device)
+        img = F.normalize(model.encode_image(images_to_tensor(images[idx]).to(device)).float(), dim=-1)
+        txt = F.normalize(enc.forward_text(ids_all[idx].to(device))[0].float(), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        with torch.no_grad():
+            top1 = ((img @ txt.t()).argmax(1) == torch.arange(len(idx), device=device)).float().mean()
+        with torch.autocast(device.type, enabled=False):  # the loss in fp32 (bf16 autocast covers the towers)
+            loss = clip_loss(img, txt, scale, same)
+        return {"loss": loss, "batch_top1": top1, "logit_scale": scale.detach()}
+
+    if not fit("clip", cfg, model, opt, sched, losses, progress=progress):
         return out / "checkpoint"  # stopped early on purpose: resume to finish
-    enc.freeze()
+    enc.to("cpu").freeze()
     with atomic_dir(out / "final") as tmp:
         enc.save(tmp)
     return out / "final"

@@ -8,26 +8,16 @@ min-SNR-gamma weighting (Hang et al. 2023), which speeds up convergence.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from alignment.loop import (
-    EMA,
-    EpochSampler,
-    JsonlLogger,
-    TrainState,
-    check_finite,
-    load_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
+from alignment.loop import EpochSampler, fit, warmup_cosine
 from alignment.losses import min_snr_weight
 from alignment.prepared import cached_split
 from alignment.shards import ShardedTable, ShardWriter, is_finished
@@ -35,7 +25,7 @@ from diffusion_backbone.models import Backbone, save_backbone
 from diffusion_backbone.sampling import encode_images
 from diffusion_backbone.text_encoders import OpenCLIPTextEncoder
 from diffusion_backbone.toy import toy_unet
-from safeio import atomic_write_bytes, atomic_write_json
+from safeio import atomic_write_bytes
 
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -100,9 +90,8 @@ def build_cache(cfg: UNetTrainConfig, vae, enc: OpenCLIPTextEncoder, shard_rows:
 
 
 def train_unet(cfg: UNetTrainConfig, progress: bool = True) -> Path:
-    """Train (resuming from ``cfg.out/checkpoint``); returns the exported base folder ``cfg.out/final``."""
-    from diffusers import AutoencoderKL
-
+    """Train through the one loop (resuming from ``cfg.out/checkpoint``); returns the exported base folder
+    ``cfg.out/final`` (or the checkpoint when stopped early at ``cfg.stop_at``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -114,62 +103,31 @@ def train_unet(cfg: UNetTrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     unet = toy_unet(enc.dim, latents.shape[-1], tuple(cfg.block_out_channels), cfg.attention_head_dim)
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
-    params = {n: p for n, p in unet.named_parameters()}
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
-    ema = EMA(params, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     sampler = EpochSampler(len(latents), cfg.batch_size, cfg.seed)
-    logger = JsonlLogger(out / "log.jsonl")
-    state = TrainState()
-    if (out / "checkpoint").is_dir():
-        state = load_checkpoint(out / "checkpoint", {"unet": unet}, opt, sched, ema, generators={"noise": gen})
-        logger.truncate_after(state.step)
-    atomic_write_json(out / "config.json", asdict(cfg))
-    unet.train()
-    t_last = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="unet", disable=not progress)
-    for step in range(state.step, min(cfg.max_steps, cfg.stop_at or cfg.max_steps)):
+
+    def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
         idx = sampler.batch(step)
         z0 = latents[idx]
         b = z0.shape[0]
-        drop = torch.rand(b, generator=gen) < cfg.caption_dropout
+        drop = torch.rand(b, generator=gen) < cfg.caption_dropout  # CPU draws: the same run on any device
         ctx = torch.where(drop[:, None, None], empty_tokens.expand(b, -1, -1), tokens[idx].float())
         ctx_mask = torch.where(drop[:, None], empty_mask.expand(b, -1), masks[idx])
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            pred = unet(zt, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask.float()).sample.float()
+        ctx, ctx_mask, zt, t, noise = (v.to(device) for v in (ctx, ctx_mask, zt, t, noise))
+        pred = unet(zt, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask.float()).sample.float()
         per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weight(noise_sched, t, cfg.snr_gamma)).mean()
-        check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update()
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0:
-            now = time.perf_counter()
-            logger.log(
-                step=step + 1,
-                loss=loss.item(),
-                mse=per_sample.mean().item(),
-                grad_norm=float(gnorm),
-                lr=sched.get_last_lr()[0],
-                sec_per_step=(now - t_last) / cfg.log_every,
-            )
-            t_last = now
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.max_steps, cfg.stop_at):
-            save_checkpoint(
-                out / "checkpoint", TrainState(step + 1), {"unet": unet}, opt, sched, ema, generators={"noise": gen}
-            )
-    bar.close()
-    if cfg.stop_at is not None and cfg.stop_at < cfg.max_steps:
+        return {"loss": loss, "mse": per_sample.mean()}
+
+    finished = fit(
+        "unet", cfg, unet, opt, sched, losses, ema_decay=cfg.ema_decay, generators={"noise": gen}, progress=progress
+    )
+    if not finished:
         return out / "checkpoint"  # stopped early on purpose: resume to finish
-    ema.copy_to()  # export the EMA weights
-    unet.eval()
-    backbone = Backbone(unet, vae, dict(SCHEDULER_CONFIG), enc)
+    backbone = Backbone(unet.cpu(), vae, dict(SCHEDULER_CONFIG), enc)  # the EMA weights (fit copied them in)
     return save_backbone(backbone, out / "final")

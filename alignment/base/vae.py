@@ -6,27 +6,17 @@ pixels; colors are what a small VAE learns last, and the ShapesEval ceiling need
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from alignment.loop import (
-    EpochSampler,
-    JsonlLogger,
-    TrainState,
-    check_finite,
-    load_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
+from alignment.loop import EpochSampler, fit, warmup_cosine
 from alignment.prepared import cached_split
 from diffusion_backbone.sampling import images_to_tensor
 from diffusion_backbone.toy import toy_vae
-from safeio import atomic_dir, atomic_write_json
+from safeio import atomic_dir
 
 
 @dataclass
@@ -61,7 +51,8 @@ def object_weight(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
 
 
 def train_vae(cfg: VAETrainConfig, progress: bool = True) -> Path:
-    """Train (resuming from ``cfg.out/checkpoint`` if present); returns the final VAE folder."""
+    """Train through the one loop (resuming from ``cfg.out/checkpoint`` if present); returns the final VAE
+    folder (or the checkpoint when stopped early at ``cfg.stop_at``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -72,53 +63,19 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> Path:
     sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     sampler = EpochSampler(len(images), cfg.batch_size, cfg.seed)
-    logger = JsonlLogger(out / "log.jsonl")
-    state = TrainState()
-    if (out / "checkpoint").is_dir():
-        state = load_checkpoint(out / "checkpoint", {"vae": vae}, opt, sched, generators={"sample": gen})
-        logger.truncate_after(state.step)
-    atomic_write_json(out / "config.json", asdict(cfg))
-    vae.train()
-    t_last = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="vae", disable=not progress)
-    for step in range(state.step, min(cfg.max_steps, cfg.stop_at or cfg.max_steps)):
-        idx = sampler.batch(step).numpy()
-        x = images_to_tensor(images[np.sort(idx)])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            post = vae.encode(x).latent_dist
-            z = post.sample(gen)
-            rec = vae.decode(z).sample.float()
+
+    def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
+        x = images_to_tensor(images[np.sort(sampler.batch(step).numpy())]).to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(gen)).sample.float()
         w = object_weight(x, cfg.fg_weight)
         mse = ((rec - x) ** 2 * w).mean() / w.mean()
         kl = post.kl().float().mean()
-        loss = mse + cfg.kl_weight * kl
-        check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0:
-            now = time.perf_counter()
-            logger.log(
-                step=step + 1,
-                loss=loss.item(),
-                mse=mse.item(),
-                kl=kl.item(),
-                grad_norm=float(gnorm),
-                lr=sched.get_last_lr()[0],
-                sec_per_step=(now - t_last) / cfg.log_every,
-            )
-            t_last = now
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.max_steps, cfg.stop_at):
-            save_checkpoint(
-                out / "checkpoint", TrainState(step + 1), {"vae": vae}, opt, sched, generators={"sample": gen}
-            )
-    bar.close()
-    if cfg.stop_at is not None and cfg.stop_at < cfg.max_steps:
+        return {"loss": mse + cfg.kl_weight * kl, "mse": mse, "kl": kl}
+
+    if not fit("vae", cfg, vae, opt, sched, losses, generators={"sample": gen}, progress=progress):
         return out / "checkpoint"  # stopped early on purpose: resume to finish
-    return export_vae(vae, images, cfg, out / "final")
+    return export_vae(vae.cpu(), images, cfg, out / "final")
 
 
 @torch.no_grad()
