@@ -16,11 +16,11 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, inject_adapter_in_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from alignment.bridge_data import BridgeData, hidden_state_cache, load_bridge_data
 from alignment.loop import EMA, EpochSampler, JsonlLogger, TrainLoop, warmup_cosine
@@ -145,10 +145,13 @@ class BridgeTrainer:
         self.out = Path(cfg.out)
         self.backbone = load_backbone(cfg.base)
         tok = AutoTokenizer.from_pretrained(cfg.planner, local_files_only=True)
-        llm = AutoModelForCausalLM.from_pretrained(cfg.planner, local_files_only=True, dtype=DTYPES[cfg.llm_dtype])
-        llm.requires_grad_(False).eval()
-        if cfg.gradient_checkpointing:  # the U-Net's; the LLM runs in eval mode, where HF models do not checkpoint
+        llm = load_llm(cfg, self.accelerator)
+        if cfg.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
+            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name warns)
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.encoder = PlanEncoder(llm, tok, cfg.layers)
         batch = max(stage.batch_size for stage in cfg.stage_list())
         for stage in cfg.stage_list():
@@ -190,13 +193,23 @@ class BridgeTrainer:
         clip = self.data.clip_image
         self.head = None if clip is None else ClipAlignmentHead(self.encoder.hidden_size, clip.shape[1])
         self.module = BridgeTrainModule(self.bridge, self.head, self.encoder, unet, self.backbone.training_scheduler())
-        self.module.to(self.accelerator.device)  # before any optimizer or EMA is made from its parameters
+        self._place_models()  # before any optimizer or EMA is made from the parameters
         self._inject_adapters()
         self.checkpoint_names = self._all_stage_param_names()
         self.states: PlanStates | None = None
         self.logger = JsonlLogger(self.out / "log.jsonl")
 
     # ---------------------------------------------------------------------------------------- structure
+    def _place_models(self) -> None:
+        """Every trained or run module on the accelerator's device (an 8-bit LLM was placed when loaded: bitsandbytes
+        models cannot be moved)."""
+        dev = self.accelerator.device
+        for m in (self.bridge, self.head, self.backbone.unet):
+            if m is not None:
+                m.to(dev)
+        if not getattr(self.encoder.model, "is_loaded_in_8bit", False):
+            self.encoder.model.to(dev)
+
     def _inject_adapters(self) -> None:
         """Add every LoRA adapter any stage uses, up front (zero-initialised B: the identity until trained)."""
 
@@ -474,7 +487,10 @@ class BridgeTrainer:
         sampler = EpochSampler(len(self.data), stage.batch_size, self.cfg.seed + 31 * si)
         self.module.train()
         self.backbone.unet.eval()  # no dropout in the frozen parts
-        self.encoder.model.eval()
+        # HF models checkpoint only in train mode: with gradient checkpointing a stage that trains the LLM runs it
+        # in train mode (Llama / Qwen2 / Mistral have no dropout by default; GPT-2's then applies)
+        llm_checkpointing = self.cfg.gradient_checkpointing and "llm_top" in stage.train
+        self.encoder.model.train(llm_checkpointing)
         end = stage.steps if stop_at is None else min(stage.steps, max(0, stop_at - offset))
         loop = TrainLoop(
             acc, module, opt, sched, [p for g in opt.param_groups for p in g["params"]],
@@ -498,6 +514,22 @@ class BridgeTrainer:
             return False
         ema.copy_to()  # export the EMA weights
         return True
+
+
+def load_llm(cfg: BridgeTrainConfig, accelerator: Accelerator):
+    """The planner LLM, frozen: at ``llm_dtype``, or in 8-bit with ``llm_load_in_8bit`` (bitsandbytes on this
+    process's GPU, prepared for LoRA training with peft's k-bit preparation)."""
+    kwargs = {"local_files_only": True, "dtype": DTYPES[cfg.llm_dtype]}
+    if cfg.llm_load_in_8bit:
+        if not torch.cuda.is_available():
+            raise ValueError("llm_load_in_8bit (bitsandbytes 8-bit LLM) needs a CUDA GPU; none is available")
+        kwargs.update(
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": accelerator.local_process_index}
+        )
+    llm = AutoModelForCausalLM.from_pretrained(cfg.planner, **kwargs)
+    if cfg.llm_load_in_8bit:
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return llm.requires_grad_(False).eval()
 
 
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:

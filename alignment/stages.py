@@ -100,7 +100,8 @@ class BridgeTrainConfig:
     stop_at: int | None = None  # stop (with a checkpoint) after this many total steps; resume later
     threads: int | None = None
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA only)
-    gradient_checkpointing: bool = False  # recompute U-Net activations in the backward pass (less memory)
+    gradient_checkpointing: bool = False  # recompute U-Net (and, in stages training it, LLM) activations
+    llm_load_in_8bit: bool = False  # the planner LLM in 8-bit (bitsandbytes, CUDA); llm_top then trains via LoRA
     stages: dict[str, StageConfig] = field(default_factory=lambda: {"A": StageConfig("A")})
     curriculum: list[str] = field(default_factory=lambda: ["A"])
 
@@ -112,6 +113,13 @@ class BridgeTrainConfig:
             raise ValueError("the curriculum is empty")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
+        if self.llm_load_in_8bit:
+            full = [s.name for s in self.stage_list() if "llm_top" in s.train and not s.uses_lora("llm_top")]
+            if full:
+                raise ValueError(
+                    f"stage(s) {full} train llm_top in full, but an 8-bit LLM (llm_load_in_8bit) trains only "
+                    "through LoRA: set llm_lora_rank > 0"
+                )
 
     def stage_list(self) -> list[StageConfig]:
         return [self.stages[s] for s in self.curriculum]

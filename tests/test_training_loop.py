@@ -97,19 +97,30 @@ def test_saving_an_hf_clip_encoder_at_a_dtype_leaves_the_live_model_alone(tmp_pa
 
 
 def test_gradient_checkpointing_gives_the_same_losses_and_8bit_adam_needs_cuda(world, tmp_path):
-    stages = {"A": {"train": ["connector"], "steps": 3, "batch_size": 4, "warmup": 1}}
+    stages = {
+        "A": {"train": ["connector"], "steps": 3, "batch_size": 4, "warmup": 1},
+        "B": {"train": ["connector", "llm_top"], "steps": 2, "batch_size": 4, "warmup": 1, "llm_top_layers": 1,
+              "llm_lora_rank": 2},
+    }  # fmt: skip
     runs = {}
     for name, flag in (("plain", False), ("ckpt", True)):
-        trainer = BridgeTrainer(_cfg(world, tmp_path / name, stages, gradient_checkpointing=flag), progress=False)
+        cfg = _cfg(world, tmp_path / name, stages, gradient_checkpointing=flag, curriculum=["A", "B"])
+        trainer = BridgeTrainer(cfg, progress=False)
         assert trainer.backbone.unet.is_gradient_checkpointing == flag
+        assert trainer.encoder.model.is_gradient_checkpointing == flag  # the LLM's too (stage B trains it)
         trainer.run()
         runs[name] = [json.loads(x)["total"] for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(runs["ckpt"]), torch.tensor(runs["plain"]), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="optimizer must be"):
         _cfg(world, tmp_path / "x", stages, optimizer="sgd")
+    full_b = {**stages, "B": {**stages["B"], "llm_lora_rank": 0}}
+    with pytest.raises(ValueError, match=r"\['B'\] train llm_top in full, but an 8-bit LLM"):
+        _cfg(world, tmp_path / "x", full_b, llm_load_in_8bit=True, curriculum=["A", "B"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             make_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+        with pytest.raises(ValueError, match="llm_load_in_8bit .* needs a CUDA GPU"):
+            BridgeTrainer(_cfg(world, tmp_path / "y", stages, llm_load_in_8bit=True), progress=False)
 
 
 def test_ema_follows_its_parameters_to_their_device():
