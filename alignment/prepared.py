@@ -22,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets.arrow_writer import ArrowWriter
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -241,21 +243,33 @@ def prepare_dataset(
         plans = written_plans(captions, planner, cache, batch_size, progress)
     rng = np.random.default_rng(seed)
     heldout = rng.random(len(ds)) < heldout_fraction
-    images = []
-    for i, value in enumerate(tqdm(ds[image_column], desc="resizing images", disable=not progress)):
-        img = _decode(value, f"data source {source}, row {i}, column {image_column!r}")
-        images.append(square_image(img, resolution, center_crop, np.random.default_rng([seed, i])))
-    return _write(out, images, captions, plans, ["heldout" if h else "train" for h in heldout])
+
+    def rows():  # one image decoded and resized at a time: the source's images never sit in RAM together
+        for i in tqdm(range(len(ds)), desc="resizing images", disable=not progress):
+            img = _decode(ds[i][image_column], f"data source {source}, row {i}, column {image_column!r}")
+            img = square_image(img, resolution, center_crop, np.random.default_rng([seed, i]))
+            yield img, captions[i], plans[i], "heldout" if heldout[i] else "train"
+
+    return _write(out, rows())
 
 
-def _write(out: str | Path, images: list[np.ndarray], prompts: list[str], plans: list[str], splits: list[str]) -> Path:
+def _write(out: str | Path, rows) -> Path:
+    """Stream ``rows`` of (image array, prompt, plan, split) into an Arrow file beside ``out``, then save it as
+    the prepared ``datasets`` folder ``out`` (atomically); memory stays at one row plus Arrow's write batch."""
     features = datasets.Features(
         {"image": datasets.Image(), **{c: datasets.Value("string") for c in PREPARED_COLUMNS[1:]}}
     )
-    ds = datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(a) for a in images], "prompt": prompts, "plan": plans, "split": splits},
-        features=features,
-    )
-    with atomic_dir(out) as tmp:
-        ds.save_to_disk(str(tmp))
-    return Path(out)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-rows-") as scratch:
+        arrow = str(Path(scratch) / "rows.arrow")
+        with ArrowWriter(features=features, path=arrow, writer_batch_size=256) as writer:
+            for image, prompt, plan, split in rows:
+                example = {"image": Image.fromarray(image), "prompt": prompt, "plan": plan, "split": split}
+                writer.write(features.encode_example(example))
+            writer.finalize()
+        ds = datasets.Dataset.from_file(arrow)
+        with atomic_dir(out) as tmp:
+            ds.save_to_disk(str(tmp))
+        del ds  # release the memory map before the scratch folder goes
+    return out
