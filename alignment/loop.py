@@ -140,8 +140,7 @@ def save_checkpoint(
     """Write a resumable checkpoint folder atomically (it replaces ``folder`` only when complete)."""
     with atomic_dir(folder) as tmp:
         for name, module in modules.items():
-            tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-            save_file(tensors, str(tmp / f"{name}.safetensors"))
+            save_file(_unshared(module.state_dict()), str(tmp / f"{name}.safetensors"))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if lr_scheduler is not None:
@@ -154,6 +153,17 @@ def save_checkpoint(
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "extra": state.extra or {}}, indent=2))
     return Path(folder)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors safetensors can write: a tensor sharing storage with an earlier one (tied weights) is copied."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def load_checkpoint(

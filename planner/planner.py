@@ -243,29 +243,36 @@ class Planner:
         return results
 
     def _finish(self, prompt, ids, index, constraint, row, repair, notes) -> PlanResult:
-        end_id = self.tokenizer.convert_tokens_to_ids(IMG_END)
-        eos = self.tokenizer.eos_token_id
-        if end_id in ids:
-            body = ids[: ids.index(end_id) + 1]
-            reason = "forced" if constraint is not None and row in constraint.forced else "end"
+        return finish_plan(self.tokenizer, self.spec, prompt, ids, f"prompt #{index}", constraint, row, repair, notes)
+
+
+def finish_plan(tokenizer, spec: PlanSpec, prompt: str, ids: list[int], where: str, constraint=None, row: int = 0,
+                repair: bool = True, notes: list[str] | None = None) -> PlanResult:  # fmt: skip
+    """The `PlanResult` of generated token ids (after ``<IMG_BEGIN>``): parsed, repaired if asked, and why it
+    stopped; ``where`` names the input in errors (e.g. ``prompt #3``)."""
+    end_id = tokenizer.convert_tokens_to_ids(IMG_END)
+    eos = tokenizer.eos_token_id
+    if end_id in ids:
+        body = ids[: ids.index(end_id) + 1]
+        reason = "forced" if constraint is not None and row in constraint.forced else "end"
+    else:
+        body = [i for i in ids if i not in (eos, tokenizer.pad_token_id)]
+        reason = "eos" if eos in ids else "length"
+    text = IMG_BEGIN + " " + tokenizer.decode(body, skip_special_tokens=False)
+    result = PlanResult(prompt, None, text, ids, reason, warnings=list(notes or []))
+    try:
+        result.plan = Plan.parse(text, spec)
+    except PlanError as err:
+        err = err.with_context(where)
+        if repair:
+            try:
+                fixed = repair_plan(text, spec)
+                result.plan, result.fixes = fixed.plan, fixed.fixes
+            except PlanError as err2:
+                result.error = str(err2.with_context(where))
         else:
-            body = [i for i in ids if i not in (eos, self.tokenizer.pad_token_id)]
-            reason = "eos" if eos in ids else "length"
-        text = IMG_BEGIN + " " + self.tokenizer.decode(body, skip_special_tokens=False)
-        result = PlanResult(prompt, None, text, ids, reason, warnings=list(notes))
-        try:
-            result.plan = Plan.parse(text, self.spec)
-        except PlanError as err:
-            err = err.with_context(f"prompt #{index}")
-            if repair:
-                try:
-                    fixed = repair_plan(text, self.spec)
-                    result.plan, result.fixes = fixed.plan, fixed.fixes
-                except PlanError as err2:
-                    result.error = str(err2.with_context(f"prompt #{index}"))
-            else:
-                result.error = str(err)
-        return result
+            result.error = str(err)
+    return result
 
 
 def is_adapter_dir(path: str | Path) -> bool:
