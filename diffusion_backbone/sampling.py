@@ -131,12 +131,20 @@ def sample(
     progress: bool = True,
     callback: StepCallback | None = None,
     unet_kwargs: dict | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+    keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise from noise to clean latents (B, C, H, W), one image per conditioning row.
 
     ``cond`` is a `Conditioning` (computed once) or a function of the timestep (a timestep-aware connector,
     re-run each step). ``uncond`` has batch size 1 (broadcast) or B. ``latents`` may be given as the initial
     noise (before scaling by the scheduler's ``init_noise_sigma``); otherwise it is drawn from ``generator``.
+
+    SDEdit (as diffusers' img2img): with ``init_latents`` (clean, scaled latents) and ``strength`` < 1, the last
+    ``round(steps * strength)`` steps run from ``init_latents`` noised to the first of them (the noise drawn from
+    ``generator``). ``keep_mask`` (B, 1, H, W) in [0, 1] keeps the init where it is 1: after every step those
+    latents are reset to the init noised to the next timestep (blended diffusion), so only the rest is redrawn.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -158,25 +166,55 @@ def sample(
     if latents is None:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     else:
-        if tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, the U-Net expects {shape}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("initial latents contain NaN or inf")
-        latents = latents.to(device=device, dtype=dtype)
+        latents = _checked_latents(latents, shape, "latents").to(device=device, dtype=dtype)
     if static:
         cond = cond.to(device, dtype)
     uncond = None if uncond is None else uncond.to(device, dtype)
-    latents = latents * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if init_latents is None:
+        if strength != 1.0 or keep_mask is not None:
+            raise ValueError("strength < 1 and keep_mask need init_latents (the image to edit)")
+        latents = latents * scheduler.init_noise_sigma
+        init = noise = None
+    else:
+        timesteps, latents, init, noise = _sdedit_start(scheduler, init_latents, latents, strength, shape)
     step_kwargs = _step_kwargs(scheduler, generator, eta)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False)):
+    for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
         model_in = scheduler.scale_model_input(latents, t)
         eps = predict_noise(unet, model_in, t, cond, uncond, guidance_scale, **(unet_kwargs or {}))
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        if keep_mask is not None:
+            kept = init if i + 1 == len(timesteps) else scheduler.add_noise(init, noise, timesteps[i + 1 : i + 2])
+            m = keep_mask.to(device=device, dtype=dtype)
+            latents = m * kept + (1 - m) * latents
         if callback is not None:
             callback(i, int(t), latents)
     if not torch.isfinite(latents).all():
         raise FloatingPointError("sampling produced NaN or inf latents")
     return latents
+
+
+def _checked_latents(latents: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"{what} have shape {tuple(latents.shape)}, the U-Net expects {shape}")
+    if not torch.isfinite(latents).all():
+        raise ValueError(f"{what} contain NaN or inf")
+    return latents
+
+
+def _sdedit_start(scheduler, init_latents, noise, strength: float, shape: tuple):
+    """diffusers' img2img start: the last ``round(steps * strength)`` timesteps, and ``init_latents`` noised with
+    ``noise`` to the first of them. Returns (timesteps, start latents, init, noise)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    init = _checked_latents(init_latents, shape, "init_latents").to(device=noise.device, dtype=noise.dtype)
+    steps = len(scheduler.timesteps) // scheduler.order
+    n = min(max(int(steps * strength), 1), steps)
+    start = (steps - n) * scheduler.order
+    timesteps = scheduler.timesteps[start:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return timesteps, scheduler.add_noise(init, noise, timesteps[:1]), init, noise
 
 
 def _step_kwargs(scheduler, generator: Generator, eta: float) -> dict:

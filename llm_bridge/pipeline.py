@@ -209,14 +209,7 @@ class Plan2ImgPipeline:
             t0 = time.perf_counter()
             states, native = self.plan_states(read[sl], None if plan_texts is None else plan_texts[sl])
             t1 = time.perf_counter()
-            null = self.bridge.null_conditioning(len(states.mask), self.native_null())
-            masks = self.region_masks(None if plan_texts is None else plan_texts[sl])
-            if self.bridge.connector.timestep_aware:
-
-                def cond(t, states=states, native=native, masks=masks):
-                    return self.bridge.conditioning(states, native, t, masks)
-            else:
-                cond = self.bridge.conditioning(states, native, region_masks=masks)
+            cond, null = self._conditioning(states, native, None if plan_texts is None else plan_texts[sl])
             t2 = time.perf_counter()
             latents = sample(
                 self.backbone.unet,
@@ -236,6 +229,26 @@ class Plan2ImgPipeline:
             timings["denoise"] += t3 - t2
             timings["decode"] += t4 - t3
         return Plan2ImgOutput(np.concatenate(images), results, timings, plan_texts, read)
+
+    def _conditioning(self, states: PlanStates, native: Conditioning | None, plan_texts: list[str] | None):
+        """(conditioning or a function of the timestep, null conditioning) of a batch of plan states."""
+        null = self.bridge.null_conditioning(len(states.mask), self.native_null())
+        masks = self.region_masks(plan_texts)
+        if self.bridge.connector.timestep_aware:
+
+            def cond(t, states=states, native=native, masks=masks):
+                return self.bridge.conditioning(states, native, t, masks)
+
+            return cond, null
+        return self.bridge.conditioning(states, native, region_masks=masks), null
+
+    @torch.no_grad()
+    def conditioning_for(self, prompts: list[str], plan_texts: list[str]):
+        """(conditioning, null conditioning) of prompts with their plans, as `__call__` builds them (what the bridge
+        reads, cached LLM states, region masks): for callers that run the sampler themselves (the refine loop)."""
+        read, plan_texts = self.read_texts(prompts, plan_texts)
+        states, native = self.plan_states(read, plan_texts)
+        return self._conditioning(states, native, plan_texts)
 
     def as_generator(
         self, *, plan_source: str = "planner", sampler: str = "ddim", steps: int = 25, guidance_scale: float = 5.0

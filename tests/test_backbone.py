@@ -161,3 +161,34 @@ def test_conditioning_cat_pads_and_masks():
     assert c.tokens.shape == (3, 5, 4) and c.mask[0].tolist() == [True] * 3 + [False] * 2
     assert torch.equal(c.to_prompt_embeds()[0, 3:], torch.zeros(2, 4))
     assert c.repeat(2).batch_size == 6
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_sdedit_matches_stock_img2img_and_a_keep_mask_keeps_the_init(backbone, sampler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    enc = backbone.text_encoder
+    cond, uncond = enc.encode(["a red circle"]), enc.encode([""])
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=backbone.vae, text_encoder=enc.model, tokenizer=enc.tokenizer, unet=backbone.unet,
+        scheduler=backbone.scheduler(sampler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        image=init, strength=0.6, prompt_embeds=cond.tokens, negative_prompt_embeds=uncond.tokens,
+        num_inference_steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(3), output_type="latent",
+    ).images  # fmt: skip
+    kwargs = dict(num_inference_steps=5, guidance_scale=4.0, progress=False, init_latents=init, strength=0.6)
+    ours = sample(backbone.unet, backbone.scheduler(sampler), cond, uncond,
+                  generator=torch.Generator().manual_seed(3), **kwargs)  # fmt: skip
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    keep = torch.zeros(1, 1, 8, 8)
+    keep[..., :4] = 1.0  # keep the left half of the init
+    edited = sample(backbone.unet, backbone.scheduler(sampler), cond, uncond,
+                    generator=torch.Generator().manual_seed(4), keep_mask=keep, **kwargs)  # fmt: skip
+    torch.testing.assert_close(edited[..., :4], init[..., :4])
+    assert not torch.allclose(edited[..., 4:], init[..., 4:], atol=1e-2)
+    with pytest.raises(ValueError, match="need init_latents"):
+        sample(backbone.unet, backbone.scheduler(sampler), cond, uncond, strength=0.5, progress=False)

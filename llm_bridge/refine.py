@@ -1,0 +1,264 @@
+"""Critique-and-refine: generate, let the critic read the image as a plan, compare with the intended plan, change
+the generation where it failed, and keep the best image by critic score.
+
+Round 0 is a normal generation. Each later round starts from the best image so far and applies one move:
+
+- ``local``: SDEdit inside the regions of the objects the critique names (their plan regions, widened by one
+  latent pixel), with fresh noise, keeping every other latent as it was (blended diffusion, SLD's idea of
+  editing only what is wrong); strength ``local_strength``, cost that fraction of a generation;
+- ``sdedit``: SDEdit of the whole image at ``sdedit_strength`` with fresh noise (keeps the composition, redraws
+  details); used when the findings name no placed object;
+- ``reseed``: a fresh generation with the next seed (cost 1); used when the moves above are not allowed or
+  have failed ``patience`` times in a row.
+
+Compute is counted in diffusion calls (a partial SDEdit counts as its fraction of the steps); the loop stops when
+the critic finds nothing wrong, or when the next move would exceed ``budget`` (default ``rounds``). The same seed
+gives the same trajectory.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from diffusion_backbone.pipeline import seeded_generators
+from diffusion_backbone.sampling import decode_latents, encode_images, sample
+from llm_bridge.layout import batch_region_masks
+from llm_bridge.pipeline import Plan2ImgPipeline
+from planner.critic import CriticError, Critique, PlanReader, critique
+from planner.schema import Plan
+from safeio import atomic_write_bytes, atomic_write_json
+
+MOVES = ("local", "sdedit", "reseed")
+
+
+@dataclass
+class RefineConfig:
+    rounds: int = 4  # at most this many rounds
+    budget: float | None = None  # diffusion calls allowed (None: ``rounds``)
+    moves: tuple[str, ...] = MOVES  # allowed moves (the ablation: ("reseed",) is best-of-N picked by the critic)
+    local_strength: float = 0.8
+    sdedit_strength: float = 0.5
+    patience: int = 2  # failed edits in a row before a reseed
+    sampler: str = "dpm++2m"
+    steps: int = 25
+    guidance_scale: float = 7.5
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.moves if m not in MOVES]
+        if unknown or not self.moves:
+            raise ValueError(f"unknown or no refine moves {list(self.moves)}; known: {list(MOVES)}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+
+@dataclass
+class Round:
+    index: int
+    move: str  # "generate" for round 0
+    seed: int
+    cost: float  # diffusion calls spent by this round
+    image: np.ndarray  # (H, W, 3) uint8
+    critique: Critique | None
+    timings: dict[str, float] = field(default_factory=dict)
+    note: str | None = None  # e.g. why the critic's reading was replaced by a reseed
+
+    @property
+    def score(self) -> float:
+        return 0.0 if self.critique is None else self.critique.score
+
+    @property
+    def critique_ok(self) -> bool:
+        """The critic read the image and found nothing wrong."""
+        return self.critique is not None and self.critique.ok
+
+
+@dataclass
+class Trajectory:
+    prompt: str
+    plan: str  # the intended plan (the writer's)
+    rounds: list[Round]
+
+    @property
+    def best(self) -> Round:
+        """The round with the highest critic score (the earliest of equals)."""
+        return max(self.rounds, key=lambda r: (r.score, -r.index))
+
+    @property
+    def cost(self) -> float:
+        return sum(r.cost for r in self.rounds)
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "plan": self.plan,
+            "best_round": self.best.index,
+            "diffusion_calls": self.cost,
+            "rounds": [
+                {
+                    "round": r.index,
+                    "move": r.move,
+                    "seed": r.seed,
+                    "diffusion_calls": r.cost,
+                    "score": r.score,
+                    "critique": None if r.critique is None else r.critique.to_dict(),
+                    "timings": r.timings,
+                    "note": r.note,
+                }
+                for r in self.rounds
+            ],
+        }
+
+    def strip(self, scale: int = 4) -> np.ndarray:
+        """A PNG-ready strip: each round's image scaled up, with its move, score and critique under it."""
+        return render_strip(self, scale)
+
+    def save(self, path: str | Path, scale: int = 4) -> tuple[Path, Path]:
+        """``path`` (the strip PNG) and ``path`` with ``.json`` (plans, critiques, scores, seeds, timings)."""
+        path = Path(path)
+        buf = _png_bytes(self.strip(scale))
+        atomic_write_bytes(path, buf)
+        atomic_write_json(path.with_suffix(".json"), self.to_dict())
+        return path, path.with_suffix(".json")
+
+
+class Refiner:
+    """Runs the loop for a `Plan2ImgPipeline` with a `PlanReader` critic."""
+
+    def __init__(self, pipe: Plan2ImgPipeline, critic: PlanReader, config: RefineConfig | None = None):
+        self.pipe, self.critic = pipe, critic
+        self.config = config or RefineConfig()
+        self.grammar = pipe.planner.plan_spec.object_grammar
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, seed: int = 0, plan: str | None = None) -> Trajectory:
+        cfg = self.config
+        budget = cfg.rounds if cfg.budget is None else cfg.budget
+        if plan is None:
+            result = self.pipe.writer.plan([prompt])[0]
+            if result.plan is None:
+                raise ValueError(f"the planner produced no valid plan for {prompt!r}: {result.error}")
+            plan = result.plan.to_text()
+        intended = Plan.parse(plan, self.pipe.planner.plan_spec)
+        plan = intended.to_text()
+        cond, null = self.pipe.conditioning_for([prompt], [plan])
+        traj = Trajectory(prompt, plan, [])
+        latents = self._generate(cond, null, seed)
+        self._add(traj, "generate", seed, 1.0, latents, intended)
+        best_latents, fails, next_seed = latents, 0, seed + 1
+        while len(traj.rounds) < cfg.rounds and not traj.best.critique_ok:
+            move = self._choose(traj.best, fails)
+            cost = {"local": cfg.local_strength, "sdedit": cfg.sdedit_strength, "reseed": 1.0}[move]
+            if traj.cost + cost > budget + 1e-9:
+                break
+            before = traj.best.score
+            latents = self._move(move, cond, null, best_latents, traj.best, plan, next_seed)
+            self._add(traj, move, next_seed, cost, latents, intended)
+            next_seed += 1
+            if traj.rounds[-1].score > before:
+                best_latents, fails = latents, 0
+            else:
+                fails = fails + 1 if move != "reseed" else 0
+        return traj
+
+    # ------------------------------------------------------------------------------------------ moves
+    def _choose(self, best: Round, fails: int) -> str:
+        cfg = self.config
+        allowed = [m for m in MOVES if m in cfg.moves]
+        if (fails >= cfg.patience or best.critique is None) and "reseed" in allowed:
+            return "reseed"  # edits keep failing, or the critic could not read the image: nothing to edit by
+        if best.critique is not None and best.critique.failing_objects() and "local" in allowed:
+            return "local"
+        if "sdedit" in allowed:
+            return "sdedit"
+        return allowed[-1] if "reseed" in allowed else allowed[0]
+
+    def _generate(self, cond, null, seed: int, **kwargs) -> torch.Tensor:
+        cfg = self.config
+        unet = self.pipe.backbone.unet
+        return sample(unet, self.pipe.backbone.scheduler(cfg.sampler), cond, null, num_inference_steps=cfg.steps,
+                      guidance_scale=cfg.guidance_scale, generator=seeded_generators([seed]), progress=False,
+                      **kwargs)  # fmt: skip
+
+    def _move(self, move: str, cond, null, best_latents, best: Round, plan: str, seed: int) -> torch.Tensor:
+        cfg = self.config
+        if move == "reseed":
+            return self._generate(cond, null, seed)
+        if move == "sdedit":
+            return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.sdedit_strength)
+        keep = self._keep_mask(plan, best.critique.failing_objects(), best_latents.shape[-2:])
+        if keep is None:  # the failing objects have no regions: edit the whole image
+            return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.local_strength)
+        return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.local_strength,
+                              keep_mask=keep)  # fmt: skip
+
+    def _keep_mask(self, plan: str, objects: list[int], size) -> torch.Tensor | None:
+        masks = batch_region_masks([plan], tuple(size), self.pipe.grid)
+        if masks is None:
+            return None
+        picked = [i for i in objects if i < masks.shape[1] and masks[0, i].amax() > 0]
+        if not picked:
+            return None
+        edit = masks[0, picked].amax(0, keepdim=True)[None]  # (1, 1, h, w)
+        edit = F.max_pool2d((edit > 0).float(), 3, stride=1, padding=1)  # one latent pixel of margin
+        return 1.0 - edit
+
+    # ------------------------------------------------------------------------------------------ critic
+    def _add(self, traj: Trajectory, move: str, seed: int, cost: float, latents, intended: Plan) -> None:
+        t0 = time.perf_counter()
+        image = decode_latents(self.pipe.backbone.vae, latents)[0]
+        t1 = time.perf_counter()
+        crit, note = None, None
+        try:
+            reading = self.critic.read(image[None])[0].plan
+            crit = critique(intended, reading, self.grammar)
+        except CriticError as err:  # the round is kept (score 0), and the loop goes on
+            note = f"critic failed: {err}"
+        t2 = time.perf_counter()
+        timings = {"decode": t1 - t0, "critic": t2 - t1}
+        traj.rounds.append(Round(len(traj.rounds), move, seed, cost, image, crit, timings, note))
+
+
+def reencode(pipe: Plan2ImgPipeline, image: np.ndarray) -> torch.Tensor:
+    """Latents of an image (for editing an image that was not generated in this session)."""
+    return encode_images(pipe.backbone.vae, image[None])
+
+
+# ---------------------------------------------------------------------------------------------- the strip
+def render_strip(traj: Trajectory, scale: int = 4, width_chars: int = 34) -> np.ndarray:
+    """Each round's image scaled by ``scale`` (nearest), captioned with its move, seed, score and critique."""
+    tiles = []
+    for r in traj.rounds:
+        img = Image.fromarray(r.image).resize((r.image.shape[1] * scale, r.image.shape[0] * scale), Image.NEAREST)
+        head = f"round {r.index}: {r.move} (seed {r.seed})" + ("  BEST" if r.index == traj.best.index else "")
+        body = r.note or ("" if r.critique is None else r.critique.text)
+        lines = [head, f"score {r.score:.2f}"] + textwrap.wrap(body, width_chars)
+        tiles.append((img, lines))
+    line_h = 12
+    text_h = line_h * max(len(lines) for _, lines in tiles) + 8
+    w = sum(img.width for img, _ in tiles) + 8 * (len(tiles) + 1)
+    h = max(img.height for img, _ in tiles) + text_h + 16 + 2 * line_h
+    canvas = Image.new("RGB", (max(w, 6 * len(traj.prompt) + 16), h), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 4), f"prompt: {traj.prompt}", fill="black")
+    x = 8
+    for img, lines in tiles:
+        canvas.paste(img, (x, 8 + 2 * line_h))
+        for k, line in enumerate(lines):
+            draw.text((x, 12 + 2 * line_h + img.height + k * line_h), line, fill="black")
+        x += img.width + 8
+    return np.asarray(canvas)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

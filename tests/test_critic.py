@@ -1,0 +1,146 @@
+"""The critic (an image-text-to-text model reading images as plans), `critique`, and the refine loop on tiny
+real components: it terminates within its budget, the same seed gives the same trajectory, a failing critic
+never loses the rounds done, and the strip + JSON are written."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import save_tiny_planner, save_tiny_toy_base
+
+from alignment.critic_training import CriticTrainConfig, build_toy_critic, critic_prompt, pixels, train_critic
+from diffusion_backbone.models import load_backbone
+from llm_bridge.bridge import LLMBridge
+from llm_bridge.connector import ConnectorConfig
+from llm_bridge.pipeline import Plan2ImgPipeline
+from llm_bridge.refine import RefineConfig, Refiner
+from planner.critic import CriticError, PlanReader, critique
+from planner.planner import Planner
+from planner.schema import IMG_BEGIN, Plan
+from toyworld import vocab as V
+from toyworld.data import build_dataset, load_dataset_dir
+
+G = V.TOY_PLAN_SPEC.object_grammar
+BASE = "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 2 objects, left to right {objs} <COLOR> red, blue <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>"  # noqa: E501
+WANT = BASE.format(objs="<OBJECT> 1 small red circle at left <OBJECT> 2 medium blue square at top right, bottom right")
+
+
+def plan(objs: str, **changes) -> Plan:
+    p = Plan.parse(BASE.format(objs=objs))
+    return Plan(**{**p.__dict__, **changes})
+
+
+# ------------------------------------------------------------------------------------------ critique
+def test_a_reading_equal_to_the_plan_is_ok():
+    c = critique(Plan.parse(WANT), Plan.parse(WANT), G)
+    assert c.ok and c.score == 1.0 and c.text == "The image matches the plan."
+
+
+def test_critique_names_each_wrong_field_and_object():
+    want = Plan.parse(WANT)
+    read = plan("<OBJECT> 1 small green circle at right <OBJECT> 1 medium blue square at top right "
+                "<OBJECT> 1 large yellow star at center", lighting="dim light")  # fmt: skip
+    c = critique(want, read, G)
+    kinds = sorted((f.kind, f.object) for f in c.findings)
+    assert kinds == sorted([("lighting", None), ("color", 0), ("position", 0), ("count", 1), ("position", 1),
+                            ("extra", 2)])  # fmt: skip
+    assert 0.0 < c.score < 1.0 and c.failing_objects() == [0, 1]
+    assert "color: green instead of red" in c.text and "extra object: 1 large yellow star at center" in c.text
+    missing = critique(want, plan("<OBJECT> 1 small red circle at left"), G)
+    assert [f.kind for f in missing.findings] == ["missing"] and missing.failing_objects() == [1]
+    assert missing.score < c.score or missing.score < 1.0
+    free = critique(want, plan("<OBJECT> 1 small red circle at left"))  # no grammar: whole OBJECT texts
+    assert [f.kind for f in free.findings] == ["missing"]
+
+
+# ------------------------------------------------------------------------------------------ the reader
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("critic_world")
+    build_dataset(root / "data", n=32, seed=7, workers=1, heldout_fraction=0.1, progress=False)
+    prompts = list(load_dataset_dir(root / "data")["prompt"])
+    planner = save_tiny_planner(root / "llm")
+    cfg = CriticTrainConfig(data=str(root / "data"), planner=str(planner), base=None, out=str(root / "critic"),
+                            vision_width=32, vision_layers=1, text_width=32, text_layers=1, batch_size=4,
+                            max_steps=3, warmup=1, log_every=1, max_examples=16)  # fmt: skip
+    return {"root": root, "base": save_tiny_toy_base(root / "base", prompts), "planner": planner,
+            "critic_cfg": cfg}  # fmt: skip
+
+
+def test_the_processor_normalises_as_training_does(world):
+    _, processor = build_toy_critic(world["critic_cfg"])
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    enc = processor(images=list(images), text=[critic_prompt() + " " + IMG_BEGIN] * 2, return_tensors="pt")
+    torch.testing.assert_close(enc["pixel_values"], pixels(images))
+
+
+def test_critic_trains_saves_and_reads_images_as_plans(world):
+    folder = train_critic(world["critic_cfg"], progress=False)
+    log = [json.loads(x) for x in (world["root"] / "critic" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(np.isfinite(r["loss"]) for r in log)
+    reader = PlanReader.from_pretrained(folder, spec=V.TOY_PLAN_SPEC)  # AutoModelForImageTextToText
+    images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    first, again = reader.read(images), reader.read(images)
+    assert [r.plan.to_text() for r in first] == [r.plan.to_text() for r in again]
+    for r in first:  # constrained decoding: every reading is a valid toy plan
+        assert Plan.parse(r.plan.to_text(), V.TOY_PLAN_SPEC).objects
+    with pytest.raises(ValueError, match="uint8 images"):
+        reader.read(images.astype(np.float32))
+
+
+def test_a_critic_that_raises_gives_a_clear_error(world):
+    model, processor = build_toy_critic(world["critic_cfg"])
+    reader = PlanReader(model.eval(), processor, V.TOY_PLAN_SPEC)
+
+    def broken(**kwargs):
+        raise RuntimeError("out of memory")
+
+    reader.model.generate = broken
+    with pytest.raises(CriticError, match=r"images #0\.\.#1: out of memory"):
+        reader.read(np.zeros((2, 64, 64, 3), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def _refiner(world, **config):
+    planner = Planner.from_pretrained(world["planner"], spec=V.TOY_PLAN_SPEC)
+    backbone = load_backbone(world["base"])
+    cfg = ConnectorConfig.from_preset("resampler-32q", d_llm=planner.model.config.hidden_size, width=32,
+                                      d_ctx=backbone.unet.config.cross_attention_dim, spatial=True,
+                                      object_queries=4, init_std=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    pipe = Plan2ImgPipeline(planner, LLMBridge(cfg, torch.randn(8, cfg.d_ctx), None), backbone)
+    model, processor = build_toy_critic(world["critic_cfg"])
+    critic = PlanReader(model.eval(), processor, V.TOY_PLAN_SPEC)
+    return Refiner(pipe, critic, RefineConfig(steps=3, sampler="ddim", **config))
+
+
+def test_refine_terminates_within_budget_and_is_reproducible(world, tmp_path):
+    refiner = _refiner(world, rounds=4)
+    a, b = refiner("two blue squares", seed=3, plan=WANT), refiner("two blue squares", seed=3, plan=WANT)
+    assert 1 <= len(a.rounds) <= 4 and a.cost <= 4 + 1e-9
+    assert a.rounds[0].move == "generate" and a.rounds[0].cost == 1.0
+    assert [(r.move, r.seed, r.score) for r in a.rounds] == [(r.move, r.seed, r.score) for r in b.rounds]
+    for ra, rb in zip(a.rounds, b.rounds):
+        np.testing.assert_array_equal(ra.image, rb.image)
+    assert a.best.score == max(r.score for r in a.rounds)
+    png, meta = a.save(tmp_path / "strip.png", scale=2)
+    assert Image.open(png).size[0] >= 2 * 16 * len(a.rounds)
+    record = json.loads(meta.read_text())
+    assert record["plan"] == Plan.parse(WANT).to_text() and len(record["rounds"]) == len(a.rounds)
+    assert {"move", "seed", "score", "critique", "timings", "diffusion_calls"} <= set(record["rounds"][0])
+    only_reseed = _refiner(world, rounds=3, moves=("reseed",))("two blue squares", seed=3, plan=WANT)
+    assert {r.move for r in only_reseed.rounds[1:]} <= {"reseed"}
+
+
+def test_a_failing_critic_keeps_the_rounds_and_falls_back_to_reseeding(world):
+    refiner = _refiner(world, rounds=3)
+
+    def broken(images, **kwargs):
+        raise CriticError("the critic failed on images #0..#0: nonsense")
+
+    refiner.critic.read = broken
+    traj = refiner("two blue squares", seed=1, plan=WANT)
+    assert len(traj.rounds) == 3 and all(r.note and "nonsense" in r.note for r in traj.rounds)
+    assert [r.move for r in traj.rounds[1:]] == ["reseed", "reseed"] and [r.seed for r in traj.rounds] == [1, 2, 3]
