@@ -38,6 +38,7 @@ from planner.schema import Plan
 from safeio import atomic_write_bytes, atomic_write_json
 
 MOVES = ("local", "sdedit", "reseed")
+SEED_STRIDE = 100  # candidate j of an image with seed s uses seed s + 100 j (refine and best-of-K alike)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class RefineConfig:
     local_strength: float = 0.8
     sdedit_strength: float = 0.5
     patience: int = 2  # failed edits in a row before a reseed
+    seed_stride: int = SEED_STRIDE  # the j-th new seed of a trajectory is ``seed + j * seed_stride`` (best-of-K's)
     sampler: str = "dpm++2m"
     steps: int = 25
     guidance_scale: float = 7.5
@@ -153,7 +155,7 @@ class Refiner:
         traj = Trajectory(prompt, plan, [])
         latents = self._generate(cond, null, seed)
         self._add(traj, "generate", seed, 1.0, latents, intended)
-        best_latents, fails, next_seed = latents, 0, seed + 1
+        best_latents, fails, next_seed = latents, 0, seed + cfg.seed_stride
         while len(traj.rounds) < cfg.rounds and not traj.best.critique_ok:
             move = self._choose(traj.best, fails)
             cost = {"local": cfg.local_strength, "sdedit": cfg.sdedit_strength, "reseed": 1.0}[move]
@@ -162,7 +164,7 @@ class Refiner:
             before = traj.best.score
             latents = self._move(move, cond, null, best_latents, traj.best, plan, next_seed)
             self._add(traj, move, next_seed, cost, latents, intended)
-            next_seed += 1
+            next_seed += cfg.seed_stride
             if traj.rounds[-1].score > before:
                 best_latents, fails = latents, 0
             else:
@@ -225,6 +227,53 @@ class Refiner:
         t2 = time.perf_counter()
         timings = {"decode": t1 - t0, "critic": t2 - t1}
         traj.rounds.append(Round(len(traj.rounds), move, seed, cost, image, crit, timings, note))
+
+
+@dataclass
+class BestOf:
+    """Best-of-K for a batch: per image the candidates' images (K, H, W, 3), their critiques and the pick."""
+
+    candidates: list[np.ndarray]
+    critiques: list[list[Critique | None]]
+    picks: list[int]
+
+    @property
+    def images(self) -> np.ndarray:
+        return np.stack([c[p] for c, p in zip(self.candidates, self.picks)])
+
+
+def best_of(generate, critic: PlanReader, prompts: list[str], plans: list[str], seeds: list[int], k: int,
+            grammar=None, pick=None, stride: int = SEED_STRIDE) -> BestOf:  # fmt: skip
+    """K candidates per image (seeds ``s + j * stride``, j < K; candidate 0 is the single-shot image), read by the
+    critic and compared with the image's plan; the pick is the best critic score (the earliest of equals), or
+    ``pick(candidates, entry_index) -> int`` when given (e.g. an oracle judge, reported as an upper bound only).
+    ``generate(prompts, seeds) -> (B, H, W, 3) uint8``."""
+    if not 1 <= k <= 9:
+        raise ValueError(f"best-of K needs 1 <= K <= 9, got {k}")
+    n = len(prompts)
+    images = np.asarray(generate([p for p in prompts for _ in range(k)], [s + j * stride for s in seeds
+                                                                          for j in range(k)]))  # fmt: skip
+    candidates = [images[i * k : (i + 1) * k] for i in range(n)]
+    critiques: list[list[Critique | None]] = []
+    for i in range(n):
+        intended = Plan.parse(plans[i])
+        row = []
+        try:
+            readings = critic.read(candidates[i]) if k > 1 or pick is None else []
+            row = [critique(intended, r.plan, grammar) for r in readings]
+        except CriticError:
+            row = [None] * k  # unreadable: fall back to the first candidate
+        critiques.append(row)
+    if pick is not None:
+        picks = [int(pick(candidates[i], i)) for i in range(n)]
+    else:
+        picks = [_argmax_score(row) for row in critiques]
+    return BestOf(candidates, critiques, picks)
+
+
+def _argmax_score(row: list[Critique | None]) -> int:
+    scores = [-1.0 if c is None else c.score for c in row]
+    return int(np.argmax(scores)) if scores else 0
 
 
 def reencode(pipe: Plan2ImgPipeline, image: np.ndarray) -> torch.Tensor:

@@ -122,6 +122,73 @@ def _load_native_layout(args, regions: bool = True):
     )
 
 
+def _load_critic(args):
+    from planner.critic import PlanReader
+
+    return PlanReader.from_pretrained(_pretrained("critic", getattr(args, "critic", None)), spec=_toy_spec(args))
+
+
+def _refine_config(args, rounds: int):
+    from llm_bridge.refine import RefineConfig
+
+    moves = tuple(m.strip() for m in args.moves.split(",")) if getattr(args, "moves", None) else None
+    kwargs = {} if moves is None else {"moves": moves}
+    return RefineConfig(rounds=rounds, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, **kwargs)
+
+
+def _critic_generator(args, generate, pipe, pairs):
+    """Wrap a ShapesEval generator in best-of-K (``--best-of``) or the refine loop (``--refine``): same seeds,
+    at most K diffusion calls per image; every candidate set also yields a preference pair for ``pairs``."""
+    import numpy as np
+
+    from llm_bridge.refine import Refiner, best_of
+    from toyworld.eval.runner import judge_candidates
+
+    critic = _load_critic(args)
+    writer = pipe.writer if pipe is not None else (_load_writer(args) or _load_planner(args))
+    grammar = writer.plan_spec.object_grammar
+
+    def intended(prompts, entries):
+        if args.plan_source == "oracle":
+            return [e["plan"] for e in entries]
+        return [r.plan.to_text() for r in writer.plan(prompts)]
+
+    if args.refine:
+        refiner = Refiner(pipe, critic, _refine_config(args, args.refine))
+
+        def refined(prompts, entries, seeds):
+            out = []
+            for prompt, plan, seed in zip(prompts, intended(prompts, entries), seeds):
+                traj = refiner(prompt, seed, plan)
+                pairs.add_ranked(prompt, [r.image for r in traj.rounds], [r.score for r in traj.rounds])
+                out.append(traj.best.image)
+            return np.stack(out)
+
+        return refined
+
+    def chosen(prompts, entries, seeds):
+        plans = intended(prompts, entries)
+        k = args.best_of
+        by_prompt = {p: e for p, e in zip(prompts, entries)}
+
+        def gen(ps, ss):
+            return generate(ps, [by_prompt[p] for p in ps], ss)
+
+        pick = None
+        if args.pick == "oracle":  # the detector picks: an upper bound, never a result
+
+            def pick(candidates, i):
+                return judge_candidates(entries[i], candidates)
+
+        res = best_of(gen, critic, prompts, plans, seeds, k, grammar, pick)
+        for prompt, cands, crits in zip(prompts, res.candidates, res.critiques):
+            if crits and all(c is not None for c in crits):
+                pairs.add_ranked(prompt, cands, [c.score for c in crits])
+        return res.images
+
+    return chosen
+
+
 def _save_images(images, out: str) -> None:
     import io
 
@@ -297,11 +364,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 f"{args.steps} steps, guidance {args.guidance})"
             )
         else:
-            generate = _load_bridge_pipeline(args).as_generator(plan_source=args.plan_source, **sampling)
+            pipe = _load_bridge_pipeline(args)
+            generate = pipe.as_generator(plan_source=args.plan_source, **sampling)
             title = (
                 f"ShapesEval bridge, reads {args.reads}, plans: {args.plan_source} ({args.sampler}, "
                 f"{args.steps} steps, guidance {args.guidance})"
             )
+        pairs = None
+        if args.best_of or args.refine:
+            if args.best_of and args.refine:
+                raise ValueError("choose one of --best-of K and --refine K")
+            if args.refine and args.generate != "bridge":
+                raise ValueError("--refine runs the bridge's refine loop: use it with --generate bridge")
+            from alignment.preference import PairWriter
+
+            pairs = PairWriter()
+            generate = _critic_generator(args, generate, pipe if args.generate == "bridge" else None, pairs)
+            how = f"refine@{args.refine}" if args.refine else f"best-of-{args.best_of} ({args.pick} picks)"
+            title += f", {how}"
+            extra.update(best_of=args.best_of, refine=args.refine, pick=args.pick)
         extra["spatial"] = _spatial_settings(args)
         extra.update(
             generator=args.generate or "ground-truth",
@@ -320,9 +401,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             keep_images=args.save_images,
         )
+    if pairs is not None and args.pairs_out:
+        counts = pairs.save(args.pairs_out)
+        print(f"wrote {counts['images']} image pair(s) to {args.pairs_out}/images")
     summary = write_report(args.out, entries, results, title, images=images, extra=extra)
     print(summary_table(summary, title))
     print(f"wrote {args.out}/results.jsonl, summary.json, summary.md")
+    return 0
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from llm_bridge.refine import Refiner
+    from toyworld.grammar import check_prompt
+
+    prompt = check_prompt(args.prompt)
+    refiner = Refiner(_load_bridge_pipeline(args), _load_critic(args), _refine_config(args, args.rounds))
+    traj = refiner(prompt, args.seed, args.plan)
+    print(f"plan: {traj.plan}")
+    for r in traj.rounds:
+        t = ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())
+        print(f"round {r.index}: {r.move} seed {r.seed}, score {r.score:.2f} ({t}) - {r.note or r.critique.text}")
+    png, meta = traj.save(args.output, scale=args.scale)
+    if args.pairs_out:
+        from alignment.preference import PairWriter
+
+        pairs = PairWriter()
+        pairs.add_ranked(prompt, [r.image for r in traj.rounds], [r.score for r in traj.rounds])
+        pairs.save(args.pairs_out)
+    print(f"best: round {traj.best.index} (score {traj.best.score:.2f}); {traj.cost:.2f} diffusion calls; "
+          f"wrote {png} and {meta}")  # fmt: skip
     return 0
 
 
@@ -506,10 +613,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-images", action="store_true", help="also write generated images to OUT/images")
     ev.add_argument("--batch-size", type=int, default=32, help="images per generation batch")
     ev.add_argument("--out", required=True, help="output folder for results.jsonl and summary.json")
+    g = ev.add_argument_group("looking at the images (the critic; at most K diffusion calls per image)")
+    g.add_argument("--best-of", type=int, default=None, metavar="K", help="K seeds per image, the best one kept")
+    g.add_argument("--refine", type=int, default=None, metavar="K", help="the refine loop with K diffusion calls")
+    g.add_argument("--pick", choices=["critic", "oracle"], default="critic",
+                   help="who picks the best of K (oracle: the ShapesEval detector, an upper bound only)")  # fmt: skip
+    g.add_argument("--moves", default=None, help="refine moves, comma-separated (default: local,sdedit,reseed)")
+    g.add_argument("--critic", default=None, help="critic folder (default: the shipped toy critic)")
+    g.add_argument("--pairs-out", default=None, help="write the critic-ranked preference pairs here")
     _add_sampling_args(ev)
     _add_model_args(ev)
     _add_spatial_args(ev)
     ev.set_defaults(func=_cmd_eval)
+
+    ref = sub.add_parser("refine", help="prompt -> plan -> image -> critique -> edit ..., the best image kept")
+    ref.add_argument("prompt")
+    ref.add_argument("-o", "--output", default="strip.png", help="the strip PNG (and .json beside it)")
+    ref.add_argument("--rounds", type=int, default=4, help="at most this many rounds (and diffusion calls)")
+    ref.add_argument("--moves", default=None, help="allowed moves, comma-separated (default: local,sdedit,reseed)")
+    ref.add_argument("--plan", default=None, help="use this plan text instead of planning")
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--scale", type=int, default=4, help="upscaling of the images in the strip")
+    ref.add_argument("--critic", default=None, help="critic folder (default: the shipped toy critic)")
+    ref.add_argument("--pairs-out", default=None, help="write the critic-ranked preference pair here")
+    _add_sampling_args(ref)
+    _add_model_args(ref)
+    _add_spatial_args(ref)
+    ref.set_defaults(func=_cmd_refine)
 
     train = sub.add_parser("train", help="train the LLM bridge with a staged curriculum (YAML config)")
     train.add_argument("--config", required=True, help="e.g. configs/toy_A.yaml")

@@ -67,7 +67,7 @@ def ship(name: str, src: Path, note: str, dtype: torch.dtype = torch.float16) ->
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("name", choices=["base", "planner", "planner_wide", "bridge"])
+    p.add_argument("name", choices=["base", "planner", "planner_wide", "bridge", "critic"])
     p.add_argument("--src", required=True)
     p.add_argument("--note", default="", help="how it was trained (command, time)")
     args = p.parse_args()

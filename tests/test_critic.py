@@ -2,20 +2,31 @@
 real components: it terminates within its budget, the same seed gives the same trajectory, a failing critic
 never loses the rounds done, and the strip + JSON are written."""
 
+import io
 import json
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tiny_models import save_tiny_planner, save_tiny_toy_base
 
-from alignment.critic_training import CriticTrainConfig, build_toy_critic, critic_prompt, pixels, train_critic
+from alignment.critic_training import (
+    CriticTrainConfig,
+    build_toy_critic,
+    critic_prompt,
+    pixels,
+    save_critic,
+    train_critic,
+)
+from alignment.preference import IMAGE_PAIR_COLUMNS, PLAN_PAIR_COLUMNS, PairWriter
 from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.pipeline import Plan2ImgPipeline
 from llm_bridge.refine import RefineConfig, Refiner
+from plan2img.cli import main
 from planner.critic import CriticError, PlanReader, critique
 from planner.planner import Planner
 from planner.schema import IMG_BEGIN, Plan
@@ -143,4 +154,61 @@ def test_a_failing_critic_keeps_the_rounds_and_falls_back_to_reseeding(world):
     refiner.critic.read = broken
     traj = refiner("two blue squares", seed=1, plan=WANT)
     assert len(traj.rounds) == 3 and all(r.note and "nonsense" in r.note for r in traj.rounds)
-    assert [r.move for r in traj.rounds[1:]] == ["reseed", "reseed"] and [r.seed for r in traj.rounds] == [1, 2, 3]
+    assert [r.move for r in traj.rounds[1:]] == ["reseed", "reseed"] and [r.seed for r in traj.rounds] == [1, 101, 201]
+
+
+# ------------------------------------------------------------------------------------------ the command line
+@pytest.fixture(scope="module")
+def saved(world):
+    refiner = _refiner(world)
+    root = world["root"]
+    bridge = refiner.pipe.bridge.save_pretrained(root / "bridge")
+    critic = save_critic(refiner.critic.model, refiner.critic.processor, root / "critic_untrained")
+    return {"bridge": bridge, "critic": critic}
+
+
+def _models(world, saved):
+    return ["--model", str(world["base"]), "--llm", str(world["planner"]), "--bridge", str(saved["bridge"]),
+            "--critic", str(saved["critic"]), "--writer", "same", "--steps", "2"]  # fmt: skip
+
+
+def test_cli_refine_writes_the_strip_its_json_and_a_pair(world, saved, tmp_path, capsys):
+    out = tmp_path / "strip.png"
+    args = ["refine", "two blue squares", "--rounds", "3", "-o", str(out), "--plan", WANT,
+            "--pairs-out", str(tmp_path / "pairs")]  # fmt: skip
+    assert main(args + _models(world, saved)) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert 1 <= len(record["rounds"]) <= 3 and record["diffusion_calls"] <= 3
+    assert "best: round" in capsys.readouterr().out
+    if (tmp_path / "pairs" / "images").is_dir():  # a pair exists unless every round scored the same
+        pairs = datasets.load_from_disk(str(tmp_path / "pairs" / "images"))
+        assert set(IMAGE_PAIR_COLUMNS) <= set(pairs.column_names)
+
+
+def test_cli_eval_best_of_and_refine_and_their_pairs_load_back(world, saved, tmp_path):
+    common = ["eval", "--generate", "bridge", "--limit-per-task", "1", "--n-per-prompt", "1", "--reads", "prompt"]
+    for flag in (["--best-of", "2"], ["--refine", "2"]):
+        out = tmp_path / flag[0].strip("-")
+        args = common + flag + ["--out", str(out), "--pairs-out", str(out / "pairs")] + _models(world, saved)
+        assert main(args) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["best_of" if flag[0] == "--best-of" else "refine"] == 2
+    assert (
+        main(common + ["--best-of", "2", "--refine", "2", "--out", str(tmp_path / "x")] + _models(world, saved)) == 2
+    )
+
+
+def test_preference_pairs_keep_the_columns_and_drop_ties(tmp_path):
+    writer = PairWriter()
+    img = np.zeros((2, 8, 8, 3), np.uint8)
+    assert not writer.add_ranked("tie", img, [0.5, 0.5])
+    assert writer.add_ranked("a red circle", img, [0.2, 0.9])
+    writer.add_plans(
+        "a red circle", "<IMG_BEGIN> <OBJECT> 1 red circle <IMG_END>", "<IMG_BEGIN> <OBJECT> 1 circle <IMG_END>"
+    )
+    assert writer.save(tmp_path / "pairs") == {"images": 1, "plans": 1}
+    images = datasets.load_from_disk(str(tmp_path / "pairs" / "images"))
+    assert list(images.column_names[:5]) == list(IMAGE_PAIR_COLUMNS) and images[0]["label_0"] == 1.0
+    assert Image.open(io.BytesIO(images[0]["jpg_0"])).size == (8, 8)
+    plans = datasets.load_from_disk(str(tmp_path / "pairs" / "plans"))
+    assert plans.column_names == list(PLAN_PAIR_COLUMNS)

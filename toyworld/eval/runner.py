@@ -175,6 +175,15 @@ def score_generator(
     return results, kept
 
 
+def judge_candidates(entry: dict, candidates: np.ndarray) -> int:
+    """The first candidate image the detector judges correct for ``entry`` (else 0): best-of-K picked by the
+    judge itself, an oracle upper bound that no result may use."""
+    for j, image in enumerate(candidates):
+        if evaluate_image(detect(image), entry)[0]:
+            return j
+    return 0
+
+
 def write_report(
     out_dir: str | Path,
     entries: list[dict],

@@ -11,6 +11,7 @@ HOW_TO_TRAIN = {
     "scripts/ship.py base (see README, 'The frozen base')",
     "planner": "python scripts/train_planner.py, then scripts/ship.py planner (see README, 'The planner')",
     "bridge": "plan2img train --config configs/toy_ABC.yaml, then scripts/ship.py bridge (see README)",
+    "critic": "python scripts/train_critic.py, then scripts/ship.py critic (see README, 'Critique and refine')",
 }
 
 
