@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_bridge_config, tiny_unet
+from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_bridge_config, tiny_scheduler, tiny_unet
 
 from alignment.bridge_training import BridgeTrainer
 from alignment.stages import config_from_dict
@@ -165,16 +165,8 @@ def test_conditioning_drives_stock_stable_diffusion_pipeline(world):
     from tiny_models import tiny_vae
 
     unet, vae = tiny_unet(), tiny_vae()
-    from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = tiny_scheduler()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     llm = AutoModelForCausalLM.from_pretrained(str(world["planners"]["llama"]), local_files_only=True)

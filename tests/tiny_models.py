@@ -38,6 +38,18 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
+def tiny_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's noise schedule (scaled linear betas) as a DDIM sampler."""
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def tiny_clip_tokenizer(folder: Path):
     """A CLIPTokenizer over lowercase letters (byte-level BPE with no merges), written to ``folder``."""
     from transformers import CLIPTokenizer
@@ -80,14 +92,7 @@ def save_tiny_sd(folder: Path) -> Path:
     tiny_clip_text_model(len(tok)).save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
     tiny_unet().save_pretrained(str(folder / "unet"), safe_serialization=True)
     tiny_vae().save_pretrained(str(folder / "vae"), safe_serialization=True)
-    DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ).save_pretrained(str(folder / "scheduler"))
+    tiny_scheduler().save_pretrained(str(folder / "scheduler"))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
 
@@ -267,14 +272,7 @@ def save_tiny_sdxl(folder: Path) -> Path:
     CLIPTextModelWithProjection(cfg).eval().save_pretrained(str(folder / "text_encoder_2"), safe_serialization=True)
     tiny_sdxl_unet().save_pretrained(str(folder / "unet"), safe_serialization=True)
     tiny_vae().save_pretrained(str(folder / "vae"), safe_serialization=True)
-    DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ).save_pretrained(str(folder / "scheduler"))
+    tiny_scheduler().save_pretrained(str(folder / "scheduler"))
     index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
