@@ -332,7 +332,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if sum([bool(args.images), args.ground_truth, bool(args.generate)]) != 1:
         raise SystemExit("error: pass exactly one of --images DIR, --ground-truth, --generate native|bridge")
     extra = {"metadata": str(metadata)}
-    images = None
+    images = pairs = None
     if args.images:
         results = score_folder(entries, args.images)
         title = f"ShapesEval: {args.images}"
@@ -370,7 +370,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 f"ShapesEval bridge, reads {args.reads}, plans: {args.plan_source} ({args.sampler}, "
                 f"{args.steps} steps, guidance {args.guidance})"
             )
-        pairs = None
         if args.best_of or args.refine:
             if args.best_of and args.refine:
                 raise ValueError("choose one of --best-of K and --refine K")
