@@ -52,6 +52,16 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _normal_modes(root: Path) -> None:
+    """Give what a writer left in ``root`` the modes a normal write would (some writers, e.g. recent safetensors,
+    create their files 0600 through a private temporary file)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~_UMASK)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Build a folder in a temporary sibling; on success it replaces ``path``, on error it is removed.
@@ -71,6 +81,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _normal_modes(tmp)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
