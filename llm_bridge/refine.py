@@ -98,6 +98,19 @@ class Trajectory:
     def cost(self) -> float:
         return sum(r.cost for r in self.rounds)
 
+    def prefix(self, rounds: int, budget: float | None = None) -> Trajectory:
+        """The trajectory a run with fewer ``rounds`` (and diffusion calls ``budget``, default ``rounds``) would
+        have made from the same prompt, plan and seed: the loop's choices never depend on its limits, so that run
+        is this one cut where the smaller limits stop it (how refine@2 is read off a refine@4 run)."""
+        budget = rounds if budget is None else budget
+        kept, spent = [], 0.0
+        for r in self.rounds:
+            if len(kept) >= rounds or spent + r.cost > budget + 1e-9:
+                break
+            kept.append(r)
+            spent += r.cost
+        return Trajectory(self.prompt, self.plan, kept)
+
     def to_dict(self) -> dict:
         return {
             "prompt": self.prompt,
@@ -151,10 +164,13 @@ class Refiner:
             plan = result.plan.to_text()
         intended = Plan.parse(plan, self.pipe.planner.plan_spec)
         plan = intended.to_text()
+        t0 = time.perf_counter()
         cond, null = self.pipe.conditioning_for([prompt], [plan])
+        t1 = time.perf_counter()
         traj = Trajectory(prompt, plan, [])
         latents = self._generate(cond, null, seed)
-        self._add(traj, "generate", seed, 1.0, latents, intended)
+        self._add(traj, "generate", seed, 1.0, latents, intended, {"conditioning": t1 - t0,
+                                                                    "generate": time.perf_counter() - t1})
         best_latents, fails, next_seed = latents, 0, seed + cfg.seed_stride
         while len(traj.rounds) < cfg.rounds and not traj.best.critique_ok:
             move = self._choose(traj.best, fails)
@@ -162,8 +178,9 @@ class Refiner:
             if traj.cost + cost > budget + 1e-9:
                 break
             before = traj.best.score
+            t0 = time.perf_counter()
             latents = self._move(move, cond, null, best_latents, traj.best, plan, next_seed)
-            self._add(traj, move, next_seed, cost, latents, intended)
+            self._add(traj, move, next_seed, cost, latents, intended, {"generate": time.perf_counter() - t0})
             next_seed += cfg.seed_stride
             if traj.rounds[-1].score > before:
                 best_latents, fails = latents, 0
@@ -214,7 +231,8 @@ class Refiner:
         return 1.0 - edit
 
     # ------------------------------------------------------------------------------------------ critic
-    def _add(self, traj: Trajectory, move: str, seed: int, cost: float, latents, intended: Plan) -> None:
+    def _add(self, traj: Trajectory, move: str, seed: int, cost: float, latents, intended: Plan,
+             timings: dict[str, float]) -> None:  # fmt: skip
         t0 = time.perf_counter()
         image = decode_latents(self.pipe.backbone.vae, latents)[0]
         t1 = time.perf_counter()
@@ -225,7 +243,7 @@ class Refiner:
         except CriticError as err:  # the round is kept (score 0), and the loop goes on
             note = f"critic failed: {err}"
         t2 = time.perf_counter()
-        timings = {"decode": t1 - t0, "critic": t2 - t1}
+        timings = {**timings, "decode": t1 - t0, "critic": t2 - t1}
         traj.rounds.append(Round(len(traj.rounds), move, seed, cost, image, crit, timings, note))
 
 
@@ -240,6 +258,11 @@ class BestOf:
     @property
     def images(self) -> np.ndarray:
         return np.stack([c[p] for c, p in zip(self.candidates, self.picks)])
+
+    def picks_within(self, k: int) -> list[int]:
+        """The critic's pick among the first ``k`` candidates of each image: best-of-k read off a best-of-K run
+        (the candidates' seeds do not depend on K)."""
+        return [_argmax_score(row[:k]) for row in self.critiques]
 
 
 def best_of(generate, critic: PlanReader, prompts: list[str], plans: list[str], seeds: list[int], k: int,

@@ -25,7 +25,7 @@ from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.pipeline import Plan2ImgPipeline
-from llm_bridge.refine import RefineConfig, Refiner
+from llm_bridge.refine import RefineConfig, Refiner, best_of
 from plan2img.cli import main
 from planner.critic import CriticError, PlanReader, critique
 from planner.planner import Planner
@@ -143,6 +143,34 @@ def test_refine_terminates_within_budget_and_is_reproducible(world, tmp_path):
     assert {"move", "seed", "score", "critique", "timings", "diffusion_calls"} <= set(record["rounds"][0])
     only_reseed = _refiner(world, rounds=3, moves=("reseed",))("two blue squares", seed=3, plan=WANT)
     assert {r.move for r in only_reseed.rounds[1:]} <= {"reseed"}
+
+
+def test_a_shorter_run_is_the_prefix_of_a_longer_one(world):
+    long = _refiner(world, rounds=4)("two blue squares", seed=5, plan=WANT)
+    for rounds in (1, 2, 3):
+        short = _refiner(world, rounds=rounds)("two blue squares", seed=5, plan=WANT)
+        cut = long.prefix(rounds)
+        assert [(r.move, r.seed, r.cost) for r in cut.rounds] == [(r.move, r.seed, r.cost) for r in short.rounds]
+        for rc, rs in zip(cut.rounds, short.rounds):
+            np.testing.assert_array_equal(rc.image, rs.image)
+        assert cut.best.index == short.best.index and cut.cost <= rounds + 1e-9
+    assert {"conditioning", "generate", "decode", "critic"} <= set(long.rounds[0].timings)
+    assert {"generate", "decode", "critic"} <= set(long.rounds[-1].timings)
+
+
+def test_best_of_k_read_off_a_larger_run_equals_its_own_run(world):
+    refiner = _refiner(world)
+    pipe, prompts, seeds = refiner.pipe, ["two blue squares", "a red circle"], [7, 8]
+
+    def generate(ps, ss):
+        return pipe(ps, ss, plans=[WANT] * len(ps), sampler="ddim", steps=2, batch_size=len(ps)).images
+
+    big = best_of(generate, refiner.critic, prompts, [WANT] * 2, seeds, 3, G)
+    small = best_of(generate, refiner.critic, prompts, [WANT] * 2, seeds, 2, G)
+    assert big.picks_within(2) == small.picks
+    assert big.picks_within(3) == big.picks and big.picks_within(1) == [0, 0]
+    for i in range(2):
+        np.testing.assert_array_equal(big.candidates[i][:2], small.candidates[i])
 
 
 def test_a_failing_critic_keeps_the_rounds_and_falls_back_to_reseeding(world):
