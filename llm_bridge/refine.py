@@ -169,8 +169,8 @@ class Refiner:
         t1 = time.perf_counter()
         traj = Trajectory(prompt, plan, [])
         latents = self._generate(cond, null, seed)
-        self._add(traj, "generate", seed, 1.0, latents, intended, {"conditioning": t1 - t0,
-                                                                    "generate": time.perf_counter() - t1})
+        timings = {"conditioning": t1 - t0, "generate": time.perf_counter() - t1}
+        self._add(traj, "generate", seed, 1.0, latents, intended, timings)
         best_latents, fails, next_seed = latents, 0, seed + cfg.seed_stride
         while len(traj.rounds) < cfg.rounds and not traj.best.critique_ok:
             move = self._choose(traj.best, fails)

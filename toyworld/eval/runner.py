@@ -83,7 +83,14 @@ def collect_folder(images_dir: str | Path, n_prompts: int) -> list[tuple[int, in
     return found
 
 
-def _result(entry: dict, index: int, sample: int, image: np.ndarray, filename: str | None) -> dict:
+def image_seed(seed: int, index: int, sample: int) -> int:
+    """The seed of image ``sample`` of prompt ``index`` in a run with base seed ``seed`` (every generator and every
+    row of a table uses these, so rows are paired image by image)."""
+    return seed * 1_000_003 + index * 1000 + sample
+
+
+def score_image(entry: dict, index: int, sample: int, image: np.ndarray, filename: str | None = None) -> dict:
+    """The detector's verdict on one image for ``entry``: one line of ``results.jsonl``."""
     det = detect(image)
     correct, reason = evaluate_image(det, entry)
     return {
@@ -119,7 +126,7 @@ def score_folder(entries: list[dict], images_dir: str | Path, progress: bool = T
     images = [load_image(p) for _, _, p in items]  # fail on any bad image before scoring
     results = []
     for (index, k, path), image in tqdm(list(zip(items, images)), desc="scoring", disable=not progress):
-        results.append(_result(entries[index], index, k, image, str(path)))
+        results.append(score_image(entries[index], index, k, image, str(path)))
     return results
 
 
@@ -153,13 +160,13 @@ def score_generator(
     progress: bool = True,
     keep_images: bool = False,
 ) -> tuple[list[dict], dict[tuple[int, int], np.ndarray]]:
-    """Generate ``n_per_prompt`` images per entry (seed ``seed * 1_000_003 + index * 1000 + k``) and score them."""
+    """Generate ``n_per_prompt`` images per entry (seeds from `image_seed`) and score them."""
     results, kept = [], {}
     total = len(entries) * n_per_prompt
     bar = tqdm(total=total, desc="generating + scoring", disable=not progress)
     for jobs in _batches(entries, n_per_prompt, batch_size):
         batch = [entries[i] for i, _ in jobs]
-        seeds = [seed * 1_000_003 + i * 1000 + k for i, k in jobs]
+        seeds = [image_seed(seed, i, k) for i, k in jobs]
         images = np.asarray(generate([e["prompt"] for e in batch], batch, seeds))
         if images.shape != (len(jobs), V.IMAGE_SIZE, V.IMAGE_SIZE, 3) or images.dtype != np.uint8:
             raise EvalInputError(
@@ -167,7 +174,7 @@ def score_generator(
                 f"({len(jobs)}, {V.IMAGE_SIZE}, {V.IMAGE_SIZE}, 3) uint8"
             )
         for (i, k), image in zip(jobs, images):
-            results.append(_result(entries[i], i, k, image, None))
+            results.append(score_image(entries[i], i, k, image, None))
             if keep_images:
                 kept[(i, k)] = image
         bar.update(len(jobs))
