@@ -7,18 +7,25 @@ folders in the formats the preference trainers read:
 
 The labels come from the critic, never from the ShapesEval detector. A candidate set whose best and worst
 critic scores are equal gives no pair (a tie).
+
+`load_preference_pairs` reads such pairs back, or Pick-a-Pic's own files (a local Parquet file or `datasets`
+folder), into the form the preference trainers use: ``caption``, ``image_w``, ``image_l``.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import datasets
 import numpy as np
 from PIL import Image
 
+from alignment.prepared import DataPrepError, decode_image, read_source, square_image
 from safeio import atomic_dir
+
+logger = logging.getLogger(__name__)
 
 IMAGE_PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 PLAN_PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -76,3 +83,68 @@ def _save(ds: datasets.Dataset, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(folder) as tmp:
         ds.save_to_disk(str(tmp))
+
+
+def load_preference_pairs(
+    path: str | Path,
+    *,
+    resolution: int = 512,
+    center_crop: bool = True,
+    caption_column: str = "caption",
+    image_columns: tuple[str, str] = ("jpg_0", "jpg_1"),
+    label_column: str = "label_0",
+    seed: int = 0,
+    with_report: bool = False,
+):
+    """Image preference pairs in Pick-a-Pic's format, as a `datasets.Dataset` with ``caption``, ``image_w`` (the
+    preferred image) and ``image_l``, both decoded and resized to ``resolution`` (shorter side, then a square
+    crop: centred, or seeded random with ``center_crop=False``; 512 is SD1.5's, pass the base model's).
+
+    ``path``: a local Parquet file or `datasets` folder with ``caption``, ``jpg_0``, ``jpg_1`` (image bytes) and
+    ``label_0`` (1: ``jpg_0`` preferred, 0: ``jpg_1`` preferred, 0.5: a tie). Dropped, and counted in the report
+    (logged; returned too with ``with_report=True``): ties, rows with ``are_different == False``, and rows with an
+    empty caption. A missing column, a label outside [0, 1] or an unreadable image is a `DataPrepError` naming
+    the file, row and column."""
+    if resolution < 8:
+        raise DataPrepError(f"resolution must be >= 8, got {resolution}")
+    ds = read_source(path)
+    for column in (caption_column, *image_columns, label_column):
+        if column not in ds.column_names:
+            raise DataPrepError(f"preference data {path} has no column {column!r} (columns: {ds.column_names})")
+    labels = ds[label_column]
+    different = ds["are_different"] if "are_different" in ds.column_names else [True] * len(ds)
+    report = {"rows": len(ds), "ties": 0, "not_different": 0, "empty_caption": 0}
+    kept = []
+    for i, (label, diff, caption) in enumerate(zip(labels, different, ds[caption_column])):
+        if label is None or not 0.0 <= float(label) <= 1.0:
+            raise DataPrepError(f"preference data {path}, row {i}: {label_column} is {label!r}, not in [0, 1]")
+        if diff is False:
+            report["not_different"] += 1
+        elif float(label) == 0.5:
+            report["ties"] += 1
+        elif not (caption or "").strip():
+            report["empty_caption"] += 1
+        else:
+            kept.append(i)
+    report["kept"] = len(kept)
+    logger.info("preference pairs from %s: %s", path, report)
+    first, second = image_columns
+
+    def to_pair(row: dict, i: int) -> dict:
+        win, lose = (first, second) if float(row[label_column]) > 0.5 else (second, first)
+        rng = np.random.default_rng([seed, i])
+        images = {}
+        for key, column in (("image_w", win), ("image_l", lose)):
+            image = decode_image(row[column], f"preference data {path}, row {i}, column {column!r}")
+            images[key] = Image.fromarray(square_image(image, resolution, center_crop, rng))
+        return {"caption": " ".join(row[caption_column].split()), **images}
+
+    features = datasets.Features(
+        {"caption": datasets.Value("string"), "image_w": datasets.Image(), "image_l": datasets.Image()}
+    )
+    index = np.asarray(kept, dtype=np.int64)
+    pairs = ds.select(index).map(
+        lambda row, j: to_pair(row, int(index[j])), with_indices=True, remove_columns=ds.column_names,
+        features=features, desc="decoding preference pairs", load_from_cache_file=False,
+    )  # fmt: skip
+    return (pairs, report) if with_report else pairs

@@ -116,7 +116,7 @@ def cached_split(path: str | Path, split: str = "train") -> tuple[np.ndarray, li
 
 
 # ------------------------------------------------------------------------------------------------ preparing
-def _decode(value, where: str) -> Image.Image:
+def decode_image(value, where: str) -> Image.Image:
     """A PIL image from a datasets Image value, a {"bytes", "path"} struct, raw bytes or a path."""
     try:
         if isinstance(value, Image.Image):
@@ -246,7 +246,7 @@ def prepare_dataset(
 
     def rows():  # one image decoded and resized at a time: the source's images never sit in RAM together
         for i in tqdm(range(len(ds)), desc="resizing images", disable=not progress):
-            img = _decode(ds[i][image_column], f"data source {source}, row {i}, column {image_column!r}")
+            img = decode_image(ds[i][image_column], f"data source {source}, row {i}, column {image_column!r}")
             img = square_image(img, resolution, center_crop, np.random.default_rng([seed, i]))
             yield img, captions[i], plans[i], "heldout" if heldout[i] else "train"
 

@@ -1,0 +1,155 @@
+"""Diffusion-DPO's loss (invariances from the paper's equation) and the Pick-a-Pic pair loader."""
+
+import io
+import math
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import alignment
+from alignment.losses import diffusion_dpo_loss
+from alignment.prepared import DataPrepError
+
+
+# ------------------------------------------------------------------------------------------ the loss
+def _errs(seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, generator=g) for _ in range(4)]
+
+
+def test_policy_equal_to_reference_gives_log2_and_opposite_gradients():
+    _, _, rw, rl = _errs(0)
+    pw, pl = rw.clone().requires_grad_(), rl.clone().requires_grad_()
+    out = diffusion_dpo_loss(pw, pl, rw, rl, beta=2500.0)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(pw.grad, -pl.grad)
+    torch.testing.assert_close(pw.grad, torch.full_like(pw, 2500.0 / 2 / len(pw)))  # sigma(0) * beta / B
+    assert torch.all(out.implicit_acc == 0.5) and torch.all(out.reward_margin == 0)
+
+
+def test_beta_scales_the_logit_as_the_equation_says():
+    pw, pl, rw, rl = _errs(1)
+    inner = (pw - rw) - (pl - rl)
+    for beta in (1.0, 10.0, 2500.0):
+        out = diffusion_dpo_loss(pw, pl, rw, rl, beta=beta)
+        torch.testing.assert_close(out.reward_margin, -beta * inner)
+        torch.testing.assert_close(out.loss, -torch.nn.functional.logsigmoid(-beta * inner).mean())
+    # beta times the errors' differences is all that matters: (2 beta, errors / 2) == (beta, errors)
+    a = diffusion_dpo_loss(pw, pl, rw, rl, beta=50.0).loss
+    b = diffusion_dpo_loss(pw / 2, pl / 2, rw / 2, rl / 2, beta=100.0).loss
+    torch.testing.assert_close(a, b)
+
+
+def test_sft_term_adds_the_winners_diffusion_loss():
+    pw, pl, rw, rl = _errs(2)
+    base = diffusion_dpo_loss(pw, pl, rw, rl, beta=10.0).loss
+    with_sft = diffusion_dpo_loss(pw, pl, rw, rl, beta=10.0, sft_weight=0.5).loss
+    torch.testing.assert_close(with_sft, base + 0.5 * pw.mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_is_float32_under_half_precision_autocast(dtype):
+    pw, pl, rw, rl = (x.to(dtype) for x in _errs(3))
+    with torch.autocast("cpu", dtype=dtype):
+        out = diffusion_dpo_loss(pw, pl, rw, rl, beta=5000.0)
+    assert out.loss.dtype == torch.float32 and out.reward_margin.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+
+
+def test_a_step_lowers_the_winners_error_relative_to_the_losers():
+    torch.manual_seed(0)
+    policy = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    reference.load_state_dict(policy.state_dict())
+    xw, xl, noise = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)  # one noise draw for both
+
+    def errors(model):
+        return ((model(xw) - noise) ** 2).mean(1), ((model(xl) - noise) ** 2).mean(1)
+
+    with torch.no_grad():
+        rw, rl = errors(reference)
+    before = (rw - rl).detach()
+    opt = torch.optim.SGD(policy.parameters(), lr=1e-2)
+    pw, pl = errors(policy)
+    diffusion_dpo_loss(pw, pl, rw, rl, beta=100.0).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        pw, pl = errors(policy)
+    assert (pw - pl).mean() < before.mean()
+    assert diffusion_dpo_loss(pw, pl, rw, rl, beta=100.0).implicit_acc.mean() > 0.5
+
+
+def test_bad_arguments_are_named():
+    pw, pl, rw, rl = _errs(4)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        diffusion_dpo_loss(pw, pl, rw, rl, beta=0.0)
+    with pytest.raises(ValueError, match="four \\(B,\\) tensors"):
+        diffusion_dpo_loss(pw, pl[:3], rw, rl, beta=1.0)
+
+
+# ------------------------------------------------------------------------------------------ Pick-a-Pic pairs
+def _png(color, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pickapic(path, rows):
+    table = pa.table(
+        {
+            "caption": [r[0] for r in rows],
+            "jpg_0": [r[1] for r in rows],
+            "jpg_1": [r[2] for r in rows],
+            "label_0": [r[3] for r in rows],
+            "label_1": [None if r[3] is None else 1.0 - r[3] for r in rows],
+            "are_different": [r[4] for r in rows],
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def test_pickapic_pairs_load_with_ties_and_duplicates_dropped_and_counted(tmp_path):
+    red, blue = _png("red"), _png("blue")
+    path = _pickapic(tmp_path / "pairs.parquet", [
+        ("a red thing", red, blue, 1.0, True),    # jpg_0 wins
+        ("a blue thing", red, blue, 0.0, True),   # jpg_1 wins
+        ("a tie", red, blue, 0.5, True),          # dropped: tie
+        ("same images", red, red, 1.0, False),    # dropped: are_different False
+        ("  ", red, blue, 1.0, True),             # dropped: empty caption
+    ])  # fmt: skip
+    pairs, report = alignment.load_preference_pairs(path, resolution=16, with_report=True)
+    assert report == {"rows": 5, "ties": 1, "not_different": 1, "empty_caption": 1, "kept": 2}
+    assert pairs.column_names == ["caption", "image_w", "image_l"] and pairs["caption"] == [
+        "a red thing",
+        "a blue thing",
+    ]
+    w0, l0 = np.asarray(pairs[0]["image_w"]), np.asarray(pairs[0]["image_l"])
+    assert w0.shape == (16, 16, 3) and w0[..., 0].min() > 200 and l0[..., 2].min() > 200  # red won, blue lost
+    assert np.asarray(pairs[1]["image_w"])[..., 2].min() > 200  # blue won
+    # a saved `datasets` folder reads the same
+    folder = tmp_path / "saved"
+    alignment.load_preference_pairs(path, resolution=16).save_to_disk(str(folder))
+    assert len(datasets.load_from_disk(str(folder))) == 2
+
+
+def test_pickapic_bad_input_names_the_file_row_and_column(tmp_path):
+    red = _png("red")
+    missing = tmp_path / "missing.parquet"
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [red], "label_0": [1.0]}), missing)
+    with pytest.raises(DataPrepError, match="no column 'jpg_1'"):
+        alignment.load_preference_pairs(missing)
+    bad_label = _pickapic(tmp_path / "label.parquet", [("x", red, red, 2.0, True)])
+    with pytest.raises(DataPrepError, match="row 0: label_0 is 2.0"):
+        alignment.load_preference_pairs(bad_label)
+    corrupt = _pickapic(tmp_path / "corrupt.parquet", [("x", red, b"not an image", 0.0, True)])
+    with pytest.raises(DataPrepError, match="row 0, column 'jpg_1'.*unreadable image"):
+        alignment.load_preference_pairs(corrupt, resolution=16)
+    with pytest.raises(DataPrepError, match="does not exist"):
+        alignment.load_preference_pairs(tmp_path / "nowhere.parquet")
