@@ -10,10 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from tiny_models import tiny_scheduler, tiny_unet
 
 import alignment
+from alignment.dpo import adapters_disabled, add_unet_lora, dpo_step_losses, pair_errors
 from alignment.losses import diffusion_dpo_loss
 from alignment.prepared import DataPrepError
+from diffusion_backbone.conditioning import Conditioning
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -153,3 +156,52 @@ def test_pickapic_bad_input_names_the_file_row_and_column(tmp_path):
         alignment.load_preference_pairs(corrupt, resolution=16)
     with pytest.raises(DataPrepError, match="does not exist"):
         alignment.load_preference_pairs(tmp_path / "nowhere.parquet")
+
+
+# ------------------------------------------------------------------------------------------ U-Net LoRA DPO step
+def _tiny_dpo_setup(b: int = 4):
+    unet, scheduler = tiny_unet(), tiny_scheduler()
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(b, 5, 32, generator=g), torch.ones(b, 5, dtype=torch.bool))
+    zw, zl = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
+    return unet, scheduler, cond, zw, zl
+
+
+def test_unet_lora_starts_as_the_reference_and_disabling_gives_the_base_unet():
+    unet, scheduler, cond, zw, zl = _tiny_dpo_setup()
+    noise, t = torch.randn_like(zw), torch.tensor([10, 200, 500, 900])
+    with torch.no_grad():
+        base_w, base_l = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
+    params = add_unet_lora(unet, rank=4)
+    assert params and all(p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in unet.parameters()) == len(params)
+    out = dpo_step_losses(unet, scheduler, cond, zw, zl, beta=1000.0, generator=torch.Generator().manual_seed(1))
+    assert out["loss"].item() == pytest.approx(math.log(2), abs=1e-5)  # B = 0: policy == reference
+    with torch.no_grad():
+        params[1].add_(0.5)  # move the policy away from the reference
+        with adapters_disabled(unet):
+            ref_w, ref_l = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
+        pol_w, _ = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
+    torch.testing.assert_close(ref_w, base_w)
+    torch.testing.assert_close(ref_l, base_l)
+    assert not torch.allclose(pol_w, base_w)
+    assert all(p.requires_grad for p in params)  # switching the adapters off and on kept them trainable
+
+
+def test_dpo_steps_on_the_unet_lora_raise_implicit_accuracy_on_their_pairs():
+    unet, scheduler, cond, zw, zl = _tiny_dpo_setup()
+    params = add_unet_lora(unet, rank=4)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(15):
+        out = dpo_step_losses(unet, scheduler, cond, zw, zl, beta=500.0, generator=g)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out["loss"].item())
+    g_eval = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        acc = torch.stack([dpo_step_losses(unet, scheduler, cond, zw, zl, 500.0, g_eval)["implicit_acc"]
+                           for _ in range(8)]).mean()  # fmt: skip
+    assert losses[-1] < losses[0] and acc > 0.6
