@@ -2,10 +2,12 @@
 
 The targets are the plans the data set's images were made from (for the toy world: the scenes that were rendered),
 never a detector's output. Since the critic reads *generated* images, training images are augmented: a share go
-through the base model's VAE (encode + decode, the blur and colour shifts of the generator's decoder), and any
-image may be blurred or get Gaussian noise. The loss is the language-model loss on the plan tokens only. The model
-is saved as a standard Hugging Face folder (``LlavaForConditionalGeneration`` + ``LlavaProcessor``), so
-`planner.critic.PlanReader.from_pretrained` reads it like any other image-text-to-text model.
+through the base model's VAE (encode + decode, the blur and colour shifts of the generator's decoder), a share
+through the base U-Net too (SDEdit: the render's latents noised part of the way and denoised under its own caption
+with guidance, which gives the generator's textures and edge artefacts while the scene, and so the label, stays),
+and any image may be blurred or get Gaussian noise. The loss is the language-model loss on the plan tokens only.
+The model is saved as a standard Hugging Face folder (``LlavaForConditionalGeneration`` + ``LlavaProcessor``),
+so `planner.critic.PlanReader.from_pretrained` reads it like any other image-text-to-text model.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from transformers import (
 from alignment.loop import EpochSampler, fit, warmup_cosine
 from alignment.prepared import cached_split
 from diffusion_backbone.models import load_backbone
-from diffusion_backbone.sampling import decode_latents, encode_images
+from diffusion_backbone.pipeline import seeded_generators
+from diffusion_backbone.sampling import decode_latents, encode_images, sample
 from planner.critic import INSTRUCTION
 from planner.schema import IMG_BEGIN
 from safeio import atomic_dir
@@ -57,6 +60,11 @@ class CriticTrainConfig:
     warmup: int = 100
     max_examples: int | None = 20000  # first N training rows
     vae_fraction: float = 0.5  # share of rows also cached as VAE round trips (each draw picks one at random)
+    unet_fraction: float = 0.0  # share of rows also cached as U-Net round trips (SDEdit under their caption)
+    unet_strength: tuple[float, float] = (0.3, 0.6)  # SDEdit strength range (one per batch of 64), above it the
+    # scene itself starts to change, and the label would be wrong
+    unet_steps: int = 10  # DDIM steps of a full schedule (SDEdit runs strength x steps of them)
+    unet_guidance: float = 7.5  # as generation uses: guidance changes the look the critic must read
     blur_prob: float = 0.3
     noise_std: float = 0.03  # max std of added Gaussian noise (on [-1, 1] pixels)
     bf16: bool = False
@@ -142,6 +150,28 @@ def vae_round_trips(base: str, images: np.ndarray, batch: int = 256, progress: b
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def unet_round_trips(base: str, images: np.ndarray, captions: list[str], strength: tuple[float, float] = (0.3, 0.6),
+                     steps: int = 10, guidance: float = 7.5, seed: int = 0, batch: int = 64,
+                     progress: bool = True) -> np.ndarray:  # fmt: skip
+    """Each image through the base model as SDEdit: VAE-encoded, noised to a strength drawn from ``strength`` (one
+    per batch), denoised with DDIM under its caption's native text conditioning and classifier-free guidance,
+    decoded. Image i depends only on ``seed`` and i."""
+    backbone = load_backbone(base)
+    scheduler = backbone.scheduler("ddim")
+    uncond = backbone.text_encoder.encode_negative([""])
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in tqdm(range(0, len(images), batch), desc="U-Net round trips", disable=not progress):
+        z = encode_images(backbone.vae, images[s : s + batch])
+        cond = backbone.text_encoder.encode(list(captions[s : s + batch]))
+        z = sample(backbone.unet, scheduler, cond, uncond, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=seeded_generators([seed * 1_000_003 + i for i in range(s, s + len(z))]), progress=False,
+                   init_latents=z, strength=float(rng.uniform(*strength)))  # fmt: skip
+        out.append(decode_latents(backbone.vae, z))
+    return np.concatenate(out)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, blur_prob: float, noise_std: float) -> torch.Tensor:
     """Random Gaussian blur (3x3, sigma ~ U(0.5, 1.2)) and additive noise (std ~ U(0, noise_std)) per image."""
     b = x.shape[0]
@@ -192,11 +222,14 @@ def train_critic(cfg: CriticTrainConfig, progress: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    images, _, plans = cached_split(cfg.data, "train")
+    images, prompts, plans = cached_split(cfg.data, "train")
     n = len(plans) if cfg.max_examples is None else min(cfg.max_examples, len(plans))
     images, plans = images[:n], plans[:n]
     n_vae = int(round(cfg.vae_fraction * n)) if cfg.base else 0
     round_trips = _cached_round_trips(cfg, images[:n_vae], out / "cache", progress)
+    n_unet = int(round(cfg.unet_fraction * n)) if cfg.base else 0
+    unet_trips = _cached_unet_trips(cfg, images[-n_unet:] if n_unet else images[:0], prompts[n - n_unet : n],
+                                    out / "cache", progress)  # fmt: skip
     model, processor = build_toy_critic(cfg)
     batches = CriticBatches(processor, plans, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -207,7 +240,7 @@ def train_critic(cfg: CriticTrainConfig, progress: bool = True) -> Path:
     def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
         rows = sampler.batch(step).tolist()
         use_vae = torch.rand(len(rows), generator=gen) < 0.5
-        picked = np.stack([round_trips[i] if (u and i < n_vae) else images[i] for i, u in zip(rows, use_vae.tolist())])
+        picked = np.stack([_pick(i, u, images, round_trips, unet_trips, n) for i, u in zip(rows, use_vae.tolist())])
         x = augment(pixels(picked), gen, cfg.blur_prob, cfg.noise_std)
         batch = {k: v.to(device) for k, v in batches.tokens(rows).items()}
         return {"loss": model(pixel_values=x.to(device), **batch).loss}
@@ -215,6 +248,32 @@ def train_critic(cfg: CriticTrainConfig, progress: bool = True) -> Path:
     if not fit("critic", cfg, model, opt, sched, losses, generators={"augment": gen}, progress=progress):
         return out / "checkpoint"
     return save_critic(model.cpu(), processor, out / "final")
+
+
+def _pick(i: int, use: bool, images, vae_trips, unet_trips, n: int) -> np.ndarray:
+    """Row ``i``'s training image: with ``use``, its U-Net round trip (the last rows) or else its VAE round trip
+    (the first rows) where it has one; the render otherwise."""
+    j = i - (n - len(unet_trips))
+    if use and j >= 0:
+        return unet_trips[j]
+    if use and i < len(vae_trips):
+        return vae_trips[i]
+    return images[i]
+
+
+def _cached_unet_trips(cfg: CriticTrainConfig, images, captions, folder: Path, progress: bool) -> np.ndarray:
+    lo, hi = cfg.unet_strength
+    path = folder / f"unet_round_trips_{len(images)}_{lo}_{hi}_{cfg.unet_steps}_{cfg.unet_guidance}.npy"
+    if len(images) == 0:
+        return images
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        trips = unet_round_trips(cfg.base, images, captions, cfg.unet_strength, cfg.unet_steps, cfg.unet_guidance,
+                                 cfg.seed, progress=progress)  # fmt: skip
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, trips)
+        tmp.replace(path)
+    return np.load(path, mmap_mode="r")
 
 
 def _cached_round_trips(cfg: CriticTrainConfig, images: np.ndarray, folder: Path, progress: bool) -> np.ndarray:

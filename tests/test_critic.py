@@ -2,6 +2,7 @@
 real components: it terminates within its budget, the same seed gives the same trajectory, a failing critic
 never loses the rounds done, and the strip + JSON are written."""
 
+import dataclasses
 import io
 import json
 
@@ -19,8 +20,10 @@ from alignment.critic_training import (
     pixels,
     save_critic,
     train_critic,
+    unet_round_trips,
 )
 from alignment.preference import IMAGE_PAIR_COLUMNS, PLAN_PAIR_COLUMNS, PairWriter
+from alignment.prepared import cached_split
 from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
@@ -78,6 +81,21 @@ def world(tmp_path_factory):
                             max_steps=3, warmup=1, log_every=1, max_examples=16)  # fmt: skip
     return {"root": root, "base": save_tiny_toy_base(root / "base", prompts), "planner": planner,
             "critic_cfg": cfg}  # fmt: skip
+
+
+def test_unet_round_trips_keep_the_scene_and_train_the_critic(world):
+    images, prompts, _ = cached_split(world["critic_cfg"].data, "train")
+    images, prompts = np.asarray(images[:3]), prompts[:3]
+    trips = unet_round_trips(str(world["base"]), images, prompts, (0.3, 0.3), steps=4, seed=1, batch=2,
+                             progress=False)  # fmt: skip
+    alone = unet_round_trips(str(world["base"]), images[2:], prompts[2:], (0.3, 0.3), steps=4, seed=1, batch=2,
+                             progress=False)  # fmt: skip
+    assert trips.shape == images.shape and trips.dtype == np.uint8 and not np.array_equal(trips, images)
+    assert not np.array_equal(trips[2], alone[0])  # the seed of image i is seed and i, not its batch position
+    cfg = dataclasses.replace(world["critic_cfg"], base=str(world["base"]), vae_fraction=0.25, unet_fraction=0.25,
+                              unet_steps=2, out=str(world["root"] / "critic_unet"), max_steps=2)  # fmt: skip
+    train_critic(cfg, progress=False)
+    assert len(list((world["root"] / "critic_unet" / "cache").glob("unet_round_trips_*.npy"))) == 1
 
 
 def test_the_processor_normalises_as_training_does(world):
