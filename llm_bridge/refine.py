@@ -3,9 +3,10 @@ the generation where it failed, and keep the best image by critic score.
 
 Round 0 is a normal generation. Each later round starts from the best image so far and applies one move:
 
-- ``local``: SDEdit inside the regions of the objects the critique names (their plan regions, widened by one
-  latent pixel), with fresh noise, keeping every other latent as it was (blended diffusion, SLD's idea of
-  editing only what is wrong); strength ``local_strength``, cost that fraction of a generation;
+- ``local``: SDEdit inside the regions of the objects the critique names (their plan regions, and where the
+  critic's reading puts an extra or misplaced object, widened by one latent pixel), with fresh noise, keeping
+  every other latent as it was (blended diffusion; SLD's add / delete / move as region edits); strength
+  ``local_strength``, cost that fraction of a generation;
 - ``sdedit``: SDEdit of the whole image at ``sdedit_strength`` with fresh noise (keeps the composition, redraws
   details); used when the findings name no placed object;
 - ``reseed``: a fresh generation with the next seed (cost 1); used when the moves above are not allowed or
@@ -31,7 +32,7 @@ from PIL import Image, ImageDraw
 
 from diffusion_backbone.pipeline import seeded_generators
 from diffusion_backbone.sampling import decode_latents, encode_images, sample
-from llm_bridge.layout import batch_region_masks
+from llm_bridge.layout import plan_region_masks
 from llm_bridge.pipeline import Plan2ImgPipeline
 from planner.critic import CriticError, Critique, PlanReader, critique
 from planner.schema import Plan
@@ -49,6 +50,7 @@ class RefineConfig:
     local_strength: float = 0.8
     sdedit_strength: float = 0.5
     patience: int = 2  # failed edits in a row before a reseed
+    clear_found: bool = True  # local edits also redraw where the reading puts extra or misplaced objects
     seed_stride: int = SEED_STRIDE  # the j-th new seed of a trajectory is ``seed + j * seed_stride`` (best-of-K's)
     sampler: str = "dpm++2m"
     steps: int = 25
@@ -213,22 +215,43 @@ class Refiner:
             return self._generate(cond, null, seed)
         if move == "sdedit":
             return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.sdedit_strength)
-        keep = self._keep_mask(plan, best.critique.failing_objects(), best_latents.shape[-2:])
+        keep = self._keep_mask(plan, best.critique, best_latents.shape[-2:])
         if keep is None:  # the failing objects have no regions: edit the whole image
             return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.local_strength)
         return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.local_strength,
                               keep_mask=keep)  # fmt: skip
 
-    def _keep_mask(self, plan: str, objects: list[int], size) -> torch.Tensor | None:
-        masks = batch_region_masks([plan], tuple(size), self.pipe.grid)
-        if masks is None:
+    def _keep_mask(self, plan: str, crit: Critique, size) -> torch.Tensor | None:
+        """(1, 1, h, w): 1 where a local edit keeps the latents, 0 where it redraws: the intended regions of the
+        failing objects and, with ``clear_found``, where the reading puts what should not be there (an extra
+        object, a misplaced object's found positions: SLD's delete-and-move), each widened by one latent pixel.
+        None when none of that has a region."""
+        size = tuple(size)
+        parts = []
+        intended = plan_region_masks(plan, size, self.pipe.grid)
+        if intended is not None:
+            parts += [intended[i] for i in crit.failing_objects() if i < len(intended)]
+        if self.config.clear_found:
+            parts += self._found_regions(crit, size)
+        parts = [m for m in parts if m.amax() > 0]
+        if not parts:
             return None
-        picked = [i for i in objects if i < masks.shape[1] and masks[0, i].amax() > 0]
-        if not picked:
-            return None
-        edit = masks[0, picked].amax(0, keepdim=True)[None]  # (1, 1, h, w)
+        edit = torch.stack(parts).amax(0)[None, None]  # (1, 1, h, w)
         edit = F.max_pool2d((edit > 0).float(), 3, stride=1, padding=1)  # one latent pixel of margin
         return 1.0 - edit
+
+    def _found_regions(self, crit: Critique, size: tuple[int, int]) -> list[torch.Tensor]:
+        grid = self.pipe.grid
+        read = None
+        out = []
+        for f in crit.findings:
+            if f.kind == "extra" and f.object is not None:
+                read = plan_region_masks(crit.reading, size, grid) if read is None else read
+                if read is not None and f.object < len(read):
+                    out.append(read[f.object])
+            elif f.kind == "position" and f.found:
+                out += [grid.box_mask(grid.centers[n], size) for n in f.found.split(", ") if n in grid.centers]
+        return out
 
     # ------------------------------------------------------------------------------------------ critic
     def _add(self, traj: Trajectory, move: str, seed: int, cost: float, latents, intended: Plan,

@@ -163,6 +163,27 @@ def test_refine_terminates_within_budget_and_is_reproducible(world, tmp_path):
     assert {r.move for r in only_reseed.rounds[1:]} <= {"reseed"}
 
 
+def test_local_edits_redraw_failing_objects_and_where_the_reading_puts_wrong_ones(world):
+    refiner = _refiner(world)
+    reading = plan("<OBJECT> 1 small red circle at left <OBJECT> 2 medium blue square at top left, top right "
+                   "<OBJECT> 1 small green star at top")  # fmt: skip
+    crit = critique(Plan.parse(WANT), reading, G)
+    assert {f.kind for f in crit.findings} == {"position", "extra"} and crit.failing_objects() == [1]
+    size = (16, 16)
+    grid = refiner.pipe.grid
+
+    def core(name):
+        return grid.box_mask(grid.centers[name], size) >= 1
+
+    keep = refiner._keep_mask(WANT, crit, size)[0, 0]
+    for name in ("top right", "bottom right", "top left", "top"):  # intended (twice), found, extra
+        assert (keep[core(name)] == 0).all(), name
+    assert (keep[core("bottom left")] == 1).any()  # nothing wrong there: kept
+    only_intended = _refiner(world, clear_found=False)._keep_mask(WANT, crit, size)[0, 0]
+    assert (only_intended[core("top right")] == 0).all() and (only_intended[core("bottom right")] == 0).all()
+    assert (only_intended[core("top left")] == 1).any()  # without clear_found, the misplaced square stays
+
+
 def test_a_shorter_run_is_the_prefix_of_a_longer_one(world):
     long = _refiner(world, rounds=4)("two blue squares", seed=5, plan=WANT)
     for rounds in (1, 2, 3):
