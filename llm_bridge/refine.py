@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.pipeline import seeded_generators
 from diffusion_backbone.sampling import decode_latents, encode_images, sample
 from llm_bridge.layout import plan_region_masks
@@ -157,40 +158,67 @@ class Refiner:
 
     @torch.no_grad()
     def __call__(self, prompt: str, seed: int = 0, plan: str | None = None) -> Trajectory:
+        return self.run_batch([prompt], [seed], None if plan is None else [plan])[0]
+
+    @torch.no_grad()
+    def run_batch(self, prompts: list[str], seeds: list[int], plans: list[str] | None = None) -> list[Trajectory]:
+        """One trajectory per prompt, run in lockstep: each round batches the trajectories that make the same
+        move. Each trajectory's choices depend only on its own rounds, so it is the one a batch of one makes (up
+        to the float rounding of batched kernels). Timings are each image's share of its batch's time."""
         cfg = self.config
         budget = cfg.rounds if cfg.budget is None else cfg.budget
-        if plan is None:
-            result = self.pipe.writer.plan([prompt])[0]
+        if len(seeds) != len(prompts) or (plans is not None and len(plans) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds and {len(plans or prompts)} plans")
+        intended = [Plan.parse(p, self.pipe.planner.plan_spec) for p in (plans or self._write_plans(prompts))]
+        plans = [p.to_text() for p in intended]
+        n = len(prompts)
+        t0 = time.perf_counter()
+        cond, null = self.pipe.conditioning_for(prompts, plans)
+        t1 = time.perf_counter()
+        trajs = [Trajectory(prompt, plan, []) for prompt, plan in zip(prompts, plans)]
+        latents = self._generate(cond, null, list(seeds))
+        share = {"conditioning": (t1 - t0) / n, "generate": (time.perf_counter() - t1) / n}
+        self._add(trajs, list(range(n)), "generate", list(seeds), 1.0, latents, intended, share)
+        state = _BatchState(latents.clone(), [0] * n, [s + cfg.seed_stride for s in seeds], [False] * n)
+        while groups := self._next_moves(trajs, state, budget):
+            for move, idx in groups.items():
+                before = [trajs[i].best.score for i in idx]
+                seeds_now = [state.next_seed[i] for i in idx]
+                t0 = time.perf_counter()
+                new = self._move(move, _rows(cond, idx), _rows(null, idx), state.best_latents[idx],
+                                 [trajs[i].best for i in idx], [plans[i] for i in idx], seeds_now)  # fmt: skip
+                share = {"generate": (time.perf_counter() - t0) / len(idx)}
+                self._add(trajs, idx, move, seeds_now, self._cost(move), new, intended, share)
+                state.record(idx, move, new, before, [trajs[i].rounds[-1].score for i in idx], cfg.seed_stride)
+        return trajs
+
+    def _next_moves(self, trajs: list[Trajectory], state: _BatchState, budget: float) -> dict[str, list[int]]:
+        """The trajectories that go on, grouped by their next move; a trajectory stops when its critic is
+        satisfied, its rounds are spent, or its next move does not fit the budget (then for good)."""
+        groups: dict[str, list[int]] = {}
+        for i, traj in enumerate(trajs):
+            if state.stopped[i] or len(traj.rounds) >= self.config.rounds or traj.best.critique_ok:
+                continue
+            move = self._choose(traj.best, state.fails[i])
+            if traj.cost + self._cost(move) > budget + 1e-9:
+                state.stopped[i] = True
+                continue
+            groups.setdefault(move, []).append(i)
+        return groups
+
+    def _write_plans(self, prompts: list[str]) -> list[str]:
+        out = []
+        for prompt, result in zip(prompts, self.pipe.writer.plan(prompts)):
             if result.plan is None:
                 raise ValueError(f"the planner produced no valid plan for {prompt!r}: {result.error}")
-            plan = result.plan.to_text()
-        intended = Plan.parse(plan, self.pipe.planner.plan_spec)
-        plan = intended.to_text()
-        t0 = time.perf_counter()
-        cond, null = self.pipe.conditioning_for([prompt], [plan])
-        t1 = time.perf_counter()
-        traj = Trajectory(prompt, plan, [])
-        latents = self._generate(cond, null, seed)
-        timings = {"conditioning": t1 - t0, "generate": time.perf_counter() - t1}
-        self._add(traj, "generate", seed, 1.0, latents, intended, timings)
-        best_latents, fails, next_seed = latents, 0, seed + cfg.seed_stride
-        while len(traj.rounds) < cfg.rounds and not traj.best.critique_ok:
-            move = self._choose(traj.best, fails)
-            cost = {"local": cfg.local_strength, "sdedit": cfg.sdedit_strength, "reseed": 1.0}[move]
-            if traj.cost + cost > budget + 1e-9:
-                break
-            before = traj.best.score
-            t0 = time.perf_counter()
-            latents = self._move(move, cond, null, best_latents, traj.best, plan, next_seed)
-            self._add(traj, move, next_seed, cost, latents, intended, {"generate": time.perf_counter() - t0})
-            next_seed += cfg.seed_stride
-            if traj.rounds[-1].score > before:
-                best_latents, fails = latents, 0
-            else:
-                fails = fails + 1 if move != "reseed" else 0
-        return traj
+            out.append(result.plan.to_text())
+        return out
 
     # ------------------------------------------------------------------------------------------ moves
+    def _cost(self, move: str) -> float:
+        cfg = self.config
+        return {"local": cfg.local_strength, "sdedit": cfg.sdedit_strength, "reseed": 1.0}[move]
+
     def _choose(self, best: Round, fails: int) -> str:
         cfg = self.config
         allowed = [m for m in MOVES if m in cfg.moves]
@@ -202,23 +230,26 @@ class Refiner:
             return "sdedit"
         return allowed[-1] if "reseed" in allowed else allowed[0]
 
-    def _generate(self, cond, null, seed: int, **kwargs) -> torch.Tensor:
+    def _generate(self, cond, null, seeds: list[int], **kwargs) -> torch.Tensor:
         cfg = self.config
         unet = self.pipe.backbone.unet
         return sample(unet, self.pipe.backbone.scheduler(cfg.sampler), cond, null, num_inference_steps=cfg.steps,
-                      guidance_scale=cfg.guidance_scale, generator=seeded_generators([seed]), progress=False,
+                      guidance_scale=cfg.guidance_scale, generator=seeded_generators(seeds), progress=False,
                       **kwargs)  # fmt: skip
 
-    def _move(self, move: str, cond, null, best_latents, best: Round, plan: str, seed: int) -> torch.Tensor:
+    def _move(self, move: str, cond, null, best_latents, best: list[Round], plans: list[str],
+              seeds: list[int]) -> torch.Tensor:  # fmt: skip
+        """One move for a group of trajectories; ``best_latents`` (G, C, h, w) are the latents of their best."""
         cfg = self.config
         if move == "reseed":
-            return self._generate(cond, null, seed)
+            return self._generate(cond, null, seeds)
         if move == "sdedit":
-            return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.sdedit_strength)
-        keep = self._keep_mask(plan, best.critique, best_latents.shape[-2:])
-        if keep is None:  # the failing objects have no regions: edit the whole image
-            return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.local_strength)
-        return self._generate(cond, null, seed, init_latents=best_latents, strength=cfg.local_strength,
+            return self._generate(cond, null, seeds, init_latents=best_latents, strength=cfg.sdedit_strength)
+        size = best_latents.shape[-2:]
+        keeps = [self._keep_mask(plan, r.critique, size) for plan, r in zip(plans, best)]
+        # no region to keep: edit the whole image (a keep mask of zeros blends nothing in)
+        keep = torch.cat([torch.zeros(1, 1, *size) if k is None else k for k in keeps]).to(best_latents)
+        return self._generate(cond, null, seeds, init_latents=best_latents, strength=cfg.local_strength,
                               keep_mask=keep)  # fmt: skip
 
     def _keep_mask(self, plan: str, crit: Critique, size) -> torch.Tensor | None:
@@ -254,20 +285,59 @@ class Refiner:
         return out
 
     # ------------------------------------------------------------------------------------------ critic
-    def _add(self, traj: Trajectory, move: str, seed: int, cost: float, latents, intended: Plan,
-             timings: dict[str, float]) -> None:  # fmt: skip
+    def _add(self, trajs: list[Trajectory], idx: list[int], move: str, seeds: list[int], cost: float, latents,
+             intended: list[Plan], timings: dict[str, float]) -> None:  # fmt: skip
+        """Decode a group's latents, let the critic read them, and append a round to each of its trajectories."""
         t0 = time.perf_counter()
-        image = decode_latents(self.pipe.backbone.vae, latents)[0]
+        images = decode_latents(self.pipe.backbone.vae, latents)
         t1 = time.perf_counter()
-        crit, note = None, None
-        try:
-            reading = self.critic.read(image[None])[0].plan
-            crit = critique(intended, reading, self.grammar)
-        except CriticError as err:  # the round is kept (score 0), and the loop goes on
-            note = f"critic failed: {err}"
+        readings = self._read(images)
         t2 = time.perf_counter()
-        timings = {**timings, "decode": t1 - t0, "critic": t2 - t1}
-        traj.rounds.append(Round(len(traj.rounds), move, seed, cost, image, crit, timings, note))
+        share = {**timings, "decode": (t1 - t0) / len(idx), "critic": (t2 - t1) / len(idx)}
+        for j, i in enumerate(idx):
+            reading, note = readings[j]
+            crit = None if reading is None else critique(intended[i], reading, self.grammar)
+            traj = trajs[i]
+            traj.rounds.append(Round(len(traj.rounds), move, seeds[j], cost, images[j], crit, dict(share), note))
+
+    def _read(self, images: np.ndarray) -> list[tuple[Plan | None, str | None]]:
+        """The critic's reading of each image; where it fails, the images are read one by one, and an image it
+        cannot read gets no reading (its round scores 0) and a note saying why."""
+        try:
+            return [(r.plan, None) for r in self.critic.read(images)]
+        except CriticError as err:
+            if len(images) == 1:
+                return [(None, f"critic failed: {err}")]
+        return [self._read(images[j : j + 1])[0] for j in range(len(images))]
+
+
+@dataclass
+class _BatchState:
+    """Per trajectory of a batch: the latents of its best round, failed edits in a row, its next seed, done."""
+
+    best_latents: torch.Tensor  # (B, C, h, w)
+    fails: list[int]
+    next_seed: list[int]
+    stopped: list[bool]
+
+    def record(self, idx: list[int], move: str, latents, before: list[float], after: list[float], stride: int):
+        for j, i in enumerate(idx):
+            self.next_seed[i] += stride
+            if after[j] > before[j]:
+                self.best_latents[i], self.fails[i] = latents[j], 0
+            else:
+                self.fails[i] = self.fails[i] + 1 if move != "reseed" else 0
+
+
+def _rows(cond, idx: list[int]):
+    """Rows ``idx`` of a batch's conditioning (or of a timestep-aware one); a batch-1 null broadcasts as it is."""
+    if cond is None:
+        return None
+    if callable(cond) and not isinstance(cond, Conditioning):
+        return lambda t, cond=cond: cond(t).index(idx)
+    if cond.batch_size == 1:
+        return cond
+    return cond.index(idx)
 
 
 @dataclass

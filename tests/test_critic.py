@@ -212,6 +212,34 @@ def test_best_of_k_read_off_a_larger_run_equals_its_own_run(world):
         np.testing.assert_array_equal(big.candidates[i][:2], small.candidates[i])
 
 
+def test_a_batch_of_trajectories_is_the_trajectories_run_alone(world):
+    refiner = _refiner(world, rounds=4)
+    prompts, seeds = ["two blue squares", "a red circle", "two blue squares"], [3, 4, 9]
+    batch = refiner.run_batch(prompts, seeds, [WANT] * 3)
+    for prompt, seed, got in zip(prompts, seeds, batch):
+        alone = refiner(prompt, seed, WANT)
+        assert [(r.move, r.seed, r.cost) for r in got.rounds] == [(r.move, r.seed, r.cost) for r in alone.rounds]
+        for a, b in zip(got.rounds, alone.rounds):
+            assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1  # batched kernels round differently
+    assert len({len(t.rounds) for t in batch} | {0}) >= 2
+
+
+def test_a_critic_failing_on_one_image_of_a_batch_costs_only_that_image(world):
+    refiner = _refiner(world, rounds=2)
+    read, calls = refiner.critic.read, []
+
+    def flaky(images, **kwargs):  # fails on a batch, and on the first image read alone
+        calls.append(len(images))
+        if len(images) > 1 or calls.count(1) == 1:
+            raise CriticError("the critic failed on images #0..#0: nonsense")
+        return read(images, **kwargs)
+
+    refiner.critic.read = flaky
+    trajs = refiner.run_batch(["a", "b"], [1, 2], [WANT] * 2)
+    assert trajs[0].rounds[0].note and "nonsense" in trajs[0].rounds[0].note
+    assert trajs[1].rounds[0].note is None and trajs[1].rounds[0].critique is not None
+
+
 def test_a_failing_critic_keeps_the_rounds_and_falls_back_to_reseeding(world):
     refiner = _refiner(world, rounds=3)
 
