@@ -7,9 +7,10 @@ paired differences. Shared work is done once:
 - per system (``bridge``, ``native``): K candidates per image (seeds ``s + 100 j``, as `plan2img eval --best-of`),
   read by the critic; rows ``single`` (candidate 0), ``best-of-k`` for every k <= K (the critic's pick among the
   first k, `BestOf.picks_within`) and ``best-of-K-oracle`` (the detector picks: an upper bound, never a result);
-- ``refine@k`` for each k of ``--refine``: one loop per image at the largest k, the smaller k read off it with
-  `Trajectory.prefix` (the loop's choices do not depend on its limits; both are tested to equal their own runs);
-  ``--moves`` restricts the loop's moves (the ablation).
+- ``refine@k`` for each k of ``--refine``: one loop per image at the largest k (batches of trajectories in
+  lockstep, `Refiner.run_batch`), the smaller k read off it with `Trajectory.prefix` (the loop's choices do not
+  depend on its limits; both are tested to equal their own runs); ``--moves`` restricts the loop's moves and
+  ``--no-clear-found`` makes local edits redraw only the intended regions (the ablations).
 
 Also written: ``latency.json`` (per-round seconds: conditioning, generation, decode, critic; per trajectory),
 ``moves.json`` (how often each move ran, and how often it raised the critic's score), and critic-ranked preference
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -99,23 +101,30 @@ def refine_rows(pipe, critic, entries, args, pairs: PairWriter) -> tuple[dict[st
     """Rows refine@k for each k of ``--refine``: one loop at the largest k, the smaller ones as its prefixes."""
     top = max(args.refine)
     config = RefineConfig(rounds=top, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                          clear_found=not args.no_clear_found,
                           **({"moves": tuple(args.moves.split(","))} if args.moves else {}))  # fmt: skip
     refiner = Refiner(pipe, critic, config)
-    tag = "" if not args.moves else f" ({args.moves})"
+    tag = " ".join(filter(None, [args.moves, "no-clear-found" if args.no_clear_found else ""]))
+    tag = f" ({tag})" if tag else ""
     rows: dict[str, list[dict]] = {f"bridge refine@{k}{tag}": [] for k in sorted(args.refine)}
     trajectories = []
     jobs = [(i, s) for i in range(len(entries)) for s in range(args.n_per_prompt)]
-    plans = {}
-    for i, s in tqdm(jobs, desc=f"refine@{top}{tag}"):
-        prompt = entries[i]["prompt"]
-        if prompt not in plans:
-            plans[prompt] = pipe.writer.plan([prompt])[0].plan.to_text()
+    per_batch = max(1, args.batch_size // 2)
+    bar = tqdm(total=len(jobs), desc=f"refine@{top}{tag}")
+    for start in range(0, len(jobs), per_batch):
+        chunk = jobs[start : start + per_batch]
+        prompts = [entries[i]["prompt"] for i, _ in chunk]
+        plans = [r.plan.to_text() for r in pipe.writer.plan(prompts)]
         t0 = time.perf_counter()
-        traj = refiner(prompt, image_seed(args.seed, i, s), plans[prompt])
-        trajectories.append((traj, time.perf_counter() - t0))
-        for k in sorted(args.refine):
-            rows[f"bridge refine@{k}{tag}"].append(score_image(entries[i], i, s, traj.prefix(k).best.image))
-        pairs.add_ranked(prompt, [r.image for r in traj.rounds], [r.score for r in traj.rounds])
+        trajs = refiner.run_batch(prompts, [image_seed(args.seed, i, s) for i, s in chunk], plans)
+        sec = (time.perf_counter() - t0) / len(chunk)  # each trajectory's share of the batch's time
+        for (i, s), traj in zip(chunk, trajs):
+            trajectories.append((traj, sec))
+            for k in sorted(args.refine):
+                rows[f"bridge refine@{k}{tag}"].append(score_image(entries[i], i, s, traj.prefix(k).best.image))
+            pairs.add_ranked(traj.prompt, [r.image for r in traj.rounds], [r.score for r in traj.rounds])
+        bar.update(len(chunk))
+    bar.close()
     return rows, trajectories
 
 
@@ -150,6 +159,7 @@ def main() -> None:
     p.add_argument("--best-of", type=int, default=4, help="K candidates per image (0: no best-of rows)")
     p.add_argument("--refine", type=int, nargs="*", default=[2, 4], help="refine@k rows (none: skip the loop)")
     p.add_argument("--moves", default=None, help="refine moves, comma-separated (default: all)")
+    p.add_argument("--no-clear-found", action="store_true", help="local edits redraw only the intended regions")
     p.add_argument("--systems", nargs="+", default=["bridge", "native"], choices=["bridge", "native"])
     p.add_argument("--bridge", default=None)
     p.add_argument("--critic", default=None)
@@ -164,6 +174,8 @@ def main() -> None:
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     generators = {"bridge": pipe.as_generator(**sampling), "native": native.as_generator(**sampling)}
     pairs, rows = PairWriter(), {}
+    suffix = "_".join(filter(None, [args.moves, "no_clear_found" if args.no_clear_found else ""]))
+    suffix = "_" + suffix.replace(",", "_") if suffix else ""  # of this run's refine files
     if args.best_of:
         for system in args.systems:
             rows |= candidate_rows(system, generators[system], pipe, critic, entries, args, pairs)
@@ -171,16 +183,16 @@ def main() -> None:
         refine, trajectories = refine_rows(pipe, critic, entries, args, pairs)
         rows |= refine
         latency, moves = latency_and_moves(trajectories)
-        suffix = "" if not args.moves else "_" + args.moves.replace(",", "_")
         atomic_write_json(out / f"latency{suffix}.json", latency)
         atomic_write_json(out / f"moves{suffix}.json", moves)
         print(json.dumps({"latency": latency, "moves": moves}, indent=2))
     for name, results in rows.items():
-        folder = out / name.replace(" ", "_").replace("@", "_at_").replace("(", "").replace(")", "").replace(",", "_")
+        folder = out / re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("@", "_at_")).strip("_")
         write_report(folder, entries, results, f"ShapesEval {name}", extra={"row": name, **sampling})
         print(f"{name}: {np.mean([r['correct'] for r in results]):.3f} (image accuracy) -> {folder}")
     if pairs.image_rows or pairs.plan_rows:
-        pairs.save(out / "pairs" / (args.moves or "all").replace(",", "_"))
+        what = (["best-of"] if args.best_of else []) + ([f"refine{suffix}"] if args.refine else [])
+        pairs.save(out / "pairs" / "_".join(what))
 
 
 if __name__ == "__main__":
