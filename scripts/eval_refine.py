@@ -1,6 +1,6 @@
 """Critique-and-refine against best-of-N at equal compute, on held-out ShapesEval (issue 13's table).
 
-Every row scores the same prompts with the same seeds as `plan2img eval` (`image_seed`), and each is written as a
+Every row scores the same prompts (held-out families; ``--split train`` for mining pairs) with the same seeds as `plan2img eval` (`image_seed`), and each is written as a
 `plan2img eval` run folder (summary.json + results.jsonl), so `scripts/results_table.py` gives the table with
 paired differences. Shared work is done once:
 
@@ -153,6 +153,8 @@ def latency_and_moves(trajectories) -> tuple[dict, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="one run folder per row is written under here")
+    p.add_argument("--split", choices=sorted(PACKAGE_METADATA), default="heldout",
+                   help="prompt families (train: to mine preference pairs for DPO without touching held-out ones)")  # fmt: skip
     p.add_argument("--limit-per-task", type=int, default=20)
     p.add_argument("--n-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -169,7 +171,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per generation batch")
     args = p.parse_args()
     out = Path(args.out)
-    entries = limit_per_task(read_metadata(PACKAGE_METADATA["heldout"]), args.limit_per_task)
+    entries = limit_per_task(read_metadata(PACKAGE_METADATA[args.split]), args.limit_per_task)
     pipe, native, critic = load_models(args)
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     generators = {"bridge": pipe.as_generator(**sampling), "native": native.as_generator(**sampling)}
