@@ -1,8 +1,8 @@
 """Critique-and-refine against best-of-N at equal compute, on held-out ShapesEval (issue 13's table).
 
-Every row scores the same prompts (held-out families; ``--split train`` for mining pairs) with the same seeds as `plan2img eval` (`image_seed`), and each is written as a
-`plan2img eval` run folder (summary.json + results.jsonl), so `scripts/results_table.py` gives the table with
-paired differences. Shared work is done once:
+Every row scores the same prompts (held-out families; ``--split train`` for mining pairs) with the same seeds as
+`plan2img eval` (`image_seed`), and each is written as a `plan2img eval` run folder (summary.json +
+results.jsonl), so `scripts/results_table.py` gives the table with paired differences. Shared work is done once:
 
 - per system (``bridge``, ``native``): K candidates per image (seeds ``s + 100 j``, as `plan2img eval --best-of`),
   read by the critic; rows ``single`` (candidate 0), ``best-of-k`` for every k <= K (the critic's pick among the
@@ -154,7 +154,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="one run folder per row is written under here")
     p.add_argument("--split", choices=sorted(PACKAGE_METADATA), default="heldout",
-                   help="prompt families (train: to mine preference pairs for DPO without touching held-out ones)")  # fmt: skip
+                   help="prompt families (train: mine DPO pairs without touching held-out ones)")  # fmt: skip
     p.add_argument("--limit-per-task", type=int, default=20)
     p.add_argument("--n-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
