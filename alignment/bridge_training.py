@@ -17,20 +17,20 @@ import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from peft import LoraConfig, inject_adapter_in_model, prepare_model_for_kbit_training
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from alignment.bridge_data import BridgeData, hidden_state_cache, load_bridge_data
 from alignment.loop import EMA, EpochSampler, JsonlLogger, TrainLoop, warmup_cosine
+from alignment.lora import lora_factors
 from alignment.losses import ClipAlignmentHead, clip_alignment_loss, diffusion_loss, diffusion_target
 from alignment.stages import BridgeTrainConfig, StageConfig
 from diffusion_backbone.injection import time_embedding_dim
 from diffusion_backbone.models import load_backbone
 from diffusion_backbone.sampling import latent_shape, unet_forward
 from diffusion_backbone.sdxl import default_time_ids, image_size, text_embeds_dim, uses_text_time
-from llm_bridge.bridge import LOW_RANK_DOWN, LOW_RANK_UP, LLMBridge
+from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.encoder import PlanEncoder, PlanStates
 from llm_bridge.layout import batch_region_masks
@@ -333,17 +333,7 @@ class BridgeTrainer:
                 continue  # no stage so far trained this group: its weights equal the base
             delta = {}
             if "lora" in modes:  # LoRA layers: store the factors (scaling folded in), not merged weights
-                for name, m in model.named_modules():
-                    plain = name.replace(".base_layer", "") + ".weight"
-                    if not isinstance(m, BaseTunerLayer) or not self._exported_param(key, plain):
-                        continue
-                    for adapter in m.active_adapters:
-                        down = m.lora_A[adapter].weight.detach().float()
-                        up = m.lora_B[adapter].weight.detach().float() * m.scaling[adapter]
-                        if plain + LOW_RANK_DOWN in delta:  # several adapters: stack the ranks
-                            down = torch.cat([delta[plain + LOW_RANK_DOWN], down])
-                            up = torch.cat([delta[plain + LOW_RANK_UP], up], dim=1)
-                        delta[plain + LOW_RANK_DOWN], delta[plain + LOW_RANK_UP] = down.contiguous(), up.contiguous()
+                delta.update(lora_factors(model, lambda plain, key=key: self._exported_param(key, plain)))
             if "full" in modes:  # fully fine-tuned: every (non-LoRA) weight of the group as it is now
                 for n, p in model.named_parameters():
                     plain = n.replace(".base_layer", "")
