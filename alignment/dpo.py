@@ -6,23 +6,39 @@
   memory (diffusers' DPO example and TRL's peft path do the same);
 - `pair_errors`: the per-pair squared errors of winner and loser latents under one noise draw and one timestep,
   in one U-Net call of batch 2B;
-- `dpo_step_losses`: policy errors (with gradients) and reference errors (without) into `diffusion_dpo_loss`.
+- `dpo_step_losses`: policy errors (with gradients) and reference errors (without) into `diffusion_dpo_loss`;
+- `train_unet_dpo`: stage D for the U-Net LoRA on the one training loop (`alignment.loop.fit`): pairs in
+  Pick-a-Pic's columns, a held-out split for implicit accuracy and drift, the LoRA exported as a low-rank U-Net
+  delta (``unet_dpo.safetensors`` + ``config.json``) that `load_unet_dpo` merges into a U-Net.
 
-The loss itself is `alignment.losses.diffusion_dpo_loss`.
+The loss itself is `alignment.losses.diffusion_dpo_loss`. The conditioning of a caption comes from the caller
+(`condition`): the native text encoder for plain SD DPO, or the frozen bridge chain (plan -> LLM -> connector),
+so DPO tunes the U-Net under the conditioning it will see at inference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from alignment.loop import EpochSampler, fit, warmup_cosine
+from alignment.lora import lora_factors
 from alignment.losses import DPOLoss, diffusion_dpo_loss, diffusion_target
+from alignment.preference import load_preference_pairs
 from diffusion_backbone.conditioning import Conditioning
-from diffusion_backbone.sampling import unet_forward
+from diffusion_backbone.sampling import encode_images, unet_forward
+from llm_bridge.bridge import apply_delta
+from safeio import atomic_dir
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention, as diffusers' DPO example
 DPO_ADAPTER = "dpo"
@@ -107,3 +123,157 @@ def dpo_step_losses(
         "diffusion_loss_w": pol_w.detach().mean(),
         "diffusion_loss_l": pol_l.detach().mean(),
     }
+
+
+# ---------------------------------------------------------------------------------------------- stage D
+DPO_WEIGHTS = "unet_dpo.safetensors"
+
+
+@dataclass
+class DPOTrainConfig:
+    pairs: str = "runs/pairs/train/best-of/images"  # image pairs in Pick-a-Pic's columns (folder or Parquet)
+    out: str = "runs/dpo"
+    beta: float = 2500.0  # Wallace et al.: 2000-5000 at SD scale; our errors are per-element means, as theirs
+    sft_weight: float = 0.0  # + this x the diffusion loss on the winners
+    lora_rank: int = 8  # diffusers' DPO example: 4-8
+    lr: float = 1e-4
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes; CUDA)
+    batch_size: int = 8  # pairs per step (the paper: 2,048 at SD scale)
+    max_steps: int = 300
+    warmup: int = 20
+    heldout_fraction: float = 0.1  # pairs kept out for implicit accuracy and the drift of the diffusion loss
+    bf16: bool = False
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    log_every: int = 25  # held-out metrics are computed at every log step
+    checkpoint_every: int = 100
+    stop_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+@dataclass
+class PairTensors:
+    """Pairs ready for DPO: winner and loser latents (N, C, h, w) and the captions' conditioning (N rows)."""
+
+    latents_w: torch.Tensor
+    latents_l: torch.Tensor
+    cond: Conditioning
+
+    def rows(self, idx, device) -> tuple[Conditioning, torch.Tensor, torch.Tensor]:
+        return self.cond.index(idx).to(device), self.latents_w[idx].to(device), self.latents_l[idx].to(device)
+
+
+@torch.no_grad()
+def pair_tensors(pairs, vae, condition: Callable[[list[str]], Conditioning], batch: int = 64) -> PairTensors:
+    """Encode a pair data set's images (``image_w``, ``image_l``) with the VAE and its captions with
+    ``condition``, in batches."""
+    zw, zl, conds = [], [], []
+    for s in range(0, len(pairs), batch):
+        rows = pairs[s : s + batch]
+        zw.append(encode_images(vae, np.stack([np.asarray(x) for x in rows["image_w"]])))
+        zl.append(encode_images(vae, np.stack([np.asarray(x) for x in rows["image_l"]])))
+        conds.append(condition(list(rows["caption"])))
+    return PairTensors(torch.cat(zw), torch.cat(zl), Conditioning.cat(conds))
+
+
+def image_resolution(unet, vae) -> int:
+    """The image side a (square) U-Net + VAE pair works at: latent side x the VAE's downsampling."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def split_pairs(n: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(heldout_fraction * n))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+@torch.no_grad()
+def heldout_metrics(unet, scheduler, data: PairTensors, beta: float, seed: int, batch: int = 32) -> dict:
+    """Implicit accuracy and reward margin on held-out pairs, and the policy's and the reference's diffusion loss
+    on the held-out winners, with the same noise and timesteps at every call (so the curve is comparable)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"heldout_implicit_acc": [], "heldout_reward_margin": [], "heldout_diffusion_loss": [],
+           "heldout_ref_diffusion_loss": []}  # fmt: skip
+    device = next(unet.parameters()).device
+    n = len(data.latents_w)
+    for s in range(0, n, batch):
+        idx = torch.arange(s, min(n, s + batch))
+        cond, zw, zl = data.rows(idx, device)
+        noise = torch.randn(zw.shape, generator=g).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(device)
+        with adapters_disabled(unet):
+            rw, rl = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
+        pw, pl = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
+        res = diffusion_dpo_loss(pw, pl, rw, rl, beta)
+        for key, v in (("heldout_implicit_acc", res.implicit_acc), ("heldout_reward_margin", res.reward_margin),
+                       ("heldout_diffusion_loss", pw), ("heldout_ref_diffusion_loss", rw)):  # fmt: skip
+            out[key].append(v)
+    return {k: torch.cat(v).mean() for k, v in out.items()}
+
+
+def train_unet_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, condition: Callable[[list[str]], Conditioning],
+                   progress: bool = True) -> Path:  # fmt: skip
+    """Stage D: Diffusion-DPO of a U-Net LoRA on ``cfg.pairs`` through the one loop (resumable from
+    ``cfg.out/checkpoint``). ``condition(captions)`` gives the conditioning the U-Net sees for each caption (it is
+    computed once). Returns the exported folder ``cfg.out/final`` (or the checkpoint when stopped early)."""
+    pairs = load_preference_pairs(cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed)
+    train_idx, held_idx = split_pairs(len(pairs), cfg.heldout_fraction, cfg.seed)
+    if len(train_idx) < cfg.batch_size:
+        raise ValueError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "
+                         f"({cfg.batch_size})")  # fmt: skip
+    train = pair_tensors(pairs.select(train_idx), vae, condition)
+    held = pair_tensors(pairs.select(held_idx), vae, condition) if len(held_idx) else None
+    params = add_unet_lora(unet, cfg.lora_rank)
+    opt = _optimizer(cfg, params)
+    sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    sampler = EpochSampler(len(train_idx), cfg.batch_size, cfg.seed)
+
+    def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
+        cond, zw, zl = train.rows(sampler.batch(step), device)
+        out = dpo_step_losses(unet, scheduler, cond, zw, zl, cfg.beta, gen, cfg.sft_weight)
+        if held is not None and (step + 1) % cfg.log_every == 0:
+            out |= heldout_metrics(unet, scheduler, held, cfg.beta, cfg.seed + 23)
+        return out
+
+    unet.train()
+    if not fit("unet_dpo", cfg, unet, opt, sched, losses, generators={"dpo": gen}, progress=progress):
+        return Path(cfg.out) / "checkpoint"
+    return save_unet_dpo(unet, Path(cfg.out) / "final", cfg)
+
+
+def _optimizer(cfg: DPOTrainConfig, params):
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # optional and CUDA-only: imported where asked for
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+
+
+def save_unet_dpo(unet, folder: str | Path, cfg: DPOTrainConfig | None = None) -> Path:
+    """The DPO LoRA as a low-rank U-Net delta (safetensors) with a config.json, written atomically."""
+    delta = lora_factors(unet, lambda name: True)
+    if not delta:
+        raise ValueError("this U-Net has no LoRA layers to save")
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / DPO_WEIGHTS))
+        meta = {"kind": "unet_dpo_lora", **({} if cfg is None else asdict(cfg))}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(folder)
+
+
+def load_unet_dpo(unet, folder: str | Path) -> None:
+    """Merge a saved DPO LoRA into ``unet`` (a clear error naming the folder when it is missing or corrupt)."""
+    path = Path(folder) / DPO_WEIGHTS
+    if not path.is_file():
+        raise ValueError(f"DPO folder {folder} has no {DPO_WEIGHTS}")
+    try:
+        delta = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"DPO weights {path} are unreadable: {err}") from None
+    apply_delta(unet, delta, "U-Net")

@@ -1,6 +1,7 @@
 """Diffusion-DPO's loss (invariances from the paper's equation) and the Pick-a-Pic pair loader."""
 
 import io
+import json
 import math
 
 import datasets
@@ -10,13 +11,22 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_scheduler, tiny_unet
+from tiny_models import tiny_scheduler, tiny_unet, tiny_vae
 
 import alignment
-from alignment.dpo import adapters_disabled, add_unet_lora, dpo_step_losses, pair_errors
+from alignment.dpo import (
+    DPOTrainConfig,
+    adapters_disabled,
+    add_unet_lora,
+    dpo_step_losses,
+    load_unet_dpo,
+    pair_errors,
+    train_unet_dpo,
+)
 from alignment.losses import diffusion_dpo_loss
 from alignment.prepared import DataPrepError
 from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.sampling import unet_forward
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -205,3 +215,44 @@ def test_dpo_steps_on_the_unet_lora_raise_implicit_accuracy_on_their_pairs():
         acc = torch.stack([dpo_step_losses(unet, scheduler, cond, zw, zl, 500.0, g_eval)["implicit_acc"]
                            for _ in range(8)]).mean()  # fmt: skip
     assert losses[-1] < losses[0] and acc > 0.6
+
+
+# ------------------------------------------------------------------------------------------ stage D
+def _caption_cond(captions):
+    rows = [torch.Generator().manual_seed(sum(map(ord, c))) for c in captions]
+    return Conditioning(torch.stack([torch.randn(5, 32, generator=g) for g in rows]),
+                        torch.ones(len(captions), 5, dtype=torch.bool))  # fmt: skip
+
+
+def test_stage_d_trains_logs_heldout_metrics_and_exports_a_lora_that_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        buf_w, buf_l = io.BytesIO(), io.BytesIO()
+        Image.fromarray(img).save(buf_w, format="PNG")
+        Image.fromarray(255 - img).save(buf_l, format="PNG")
+        rows.append((f"caption {i % 3}", buf_w.getvalue(), buf_l.getvalue(), float(i % 2), True))
+    path = _pickapic(tmp_path / "pairs.parquet", rows)
+    unet, vae, scheduler = tiny_unet(sample_size=8), tiny_vae(), tiny_scheduler()
+    cfg = DPOTrainConfig(pairs=str(path), out=str(tmp_path / "dpo"), beta=500.0, lora_rank=2, lr=1e-3,
+                         batch_size=4, max_steps=4, warmup=1, heldout_fraction=0.25, log_every=2)  # fmt: skip
+    folder = train_unet_dpo(cfg, unet, vae, scheduler, _caption_cond, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
+    for key in ("loss", "implicit_acc", "reward_margin", "heldout_implicit_acc", "heldout_diffusion_loss",
+                "heldout_ref_diffusion_loss"):  # fmt: skip
+        assert all(np.isfinite(r[key]) for r in log), key
+    fresh = tiny_unet(sample_size=8)
+    load_unet_dpo(fresh, folder)
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), _caption_cond(["a", "b"])
+    with torch.no_grad():
+        trained, loaded = unet_forward(unet.eval(), x, t, cond), unet_forward(fresh, x, t, cond)
+        base = unet_forward(tiny_unet(sample_size=8), x, t, cond)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(loaded, base)
+    with pytest.raises(ValueError, match="has no unet_dpo.safetensors"):
+        load_unet_dpo(fresh, tmp_path)
+    small = DPOTrainConfig(pairs=str(path), out=str(tmp_path / "dpo2"), batch_size=64)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_unet_dpo(small, tiny_unet(sample_size=8), vae, scheduler, _caption_cond, progress=False)
