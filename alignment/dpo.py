@@ -35,6 +35,7 @@ from alignment.loop import EpochSampler, fit, warmup_cosine
 from alignment.lora import lora_factors
 from alignment.losses import DPOLoss, diffusion_dpo_loss, diffusion_target
 from alignment.preference import load_preference_pairs
+from alignment.stages import build_config, read_yaml_mapping
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.sampling import encode_images, unet_forward
 from llm_bridge.bridge import apply_delta
@@ -131,8 +132,13 @@ DPO_WEIGHTS = "unet_dpo.safetensors"
 
 @dataclass
 class DPOTrainConfig:
-    pairs: str = "runs/pairs/train/best-of/images"  # image pairs in Pick-a-Pic's columns (folder or Parquet)
+    pairs: str = "runs/pairs_train/pairs/best-of/images"  # image pairs in Pick-a-Pic's columns (folder or Parquet)
     out: str = "runs/dpo"
+    # the models `plan2img dpo` builds the conditioning from (the trainer itself takes models)
+    base: str = "toyworld/pretrained/base"
+    bridge: str | None = "toyworld/pretrained/bridge"  # None: the base's native text encoder (plain SD DPO)
+    planner: str = "toyworld/pretrained/planner"  # the LLM that reads the plans (the bridge's)
+    writer: str | None = "toyworld/pretrained/planner_wide"  # writes the plans: a planner or a LoRA over planner
     beta: float = 2500.0  # Wallace et al.: 2000-5000 at SD scale; our errors are per-element means, as theirs
     sft_weight: float = 0.0  # + this x the diffusion loss on the winners
     lora_rank: int = 8  # diffusers' DPO example: 4-8
@@ -154,6 +160,11 @@ class DPOTrainConfig:
             raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+def load_dpo_config(path: str | Path, overrides: dict | None = None) -> DPOTrainConfig:
+    """A `DPOTrainConfig` from YAML (top-level ``overrides`` applied); errors name the file and the key."""
+    return build_config(DPOTrainConfig, read_yaml_mapping(path, overrides), str(path))
 
 
 @dataclass

@@ -128,7 +128,8 @@ class BridgeTrainConfig:
         return sum(s.steps for s in self.stage_list())
 
 
-def _build(cls, data: dict, where: str):
+def build_config(cls, data: dict, where: str):
+    """``cls(**data)``, naming the keys ``cls`` does not know."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -146,14 +147,14 @@ def config_from_dict(data: dict, where: str = "config") -> BridgeTrainConfig:
     for name, body in stages.items():
         body = dict(body or {})
         body.setdefault("name", name)
-        built[name] = _build(StageConfig, body, f"{where}: stage {name}")
+        built[name] = build_config(StageConfig, body, f"{where}: stage {name}")
     data["stages"] = built
     data.setdefault("curriculum", list(built))
-    return _build(BridgeTrainConfig, data, where)
+    return build_config(BridgeTrainConfig, data, where)
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> BridgeTrainConfig:
-    """Read a YAML training config (and apply top-level ``overrides``)."""
+def read_yaml_mapping(path: str | Path, overrides: dict | None = None) -> dict:
+    """A YAML file's top-level mapping with ``overrides`` applied; errors name the file."""
     import yaml
 
     path = Path(path)
@@ -166,4 +167,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> BridgeTrainC
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping")
     data.update(overrides or {})
-    return config_from_dict(data, str(path))
+    return data
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> BridgeTrainConfig:
+    """Read a YAML training config (and apply top-level ``overrides``)."""
+    return config_from_dict(read_yaml_mapping(path, overrides), str(path))

@@ -107,6 +107,10 @@ def _load_bridge_pipeline(args):
     settings = _spatial_settings(args)
     if settings:
         pipe.set_spatial(**settings)
+    if getattr(args, "unet_dpo", None):
+        from alignment.dpo import load_unet_dpo
+
+        load_unet_dpo(pipe.backbone.unet, args.unet_dpo)
     return pipe
 
 
@@ -454,6 +458,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    import yaml
+
+    from alignment.dpo import load_dpo_config, train_unet_dpo
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    cfg = load_dpo_config(args.config, overrides)
+    shipped = {k: getattr(cfg, k) for k in ("base", "bridge", "planner", "writer")}
+    for key, given in shipped.items():  # shipped models named as in the repository work from any directory
+        parts = Path(given).parts if given else ()
+        if given and not Path(given).exists() and parts[:2] == ("toyworld", "pretrained") and len(parts) == 3:
+            setattr(cfg, key, str(_pretrained(parts[2], None)))
+    if cfg.bridge is None:
+        backbone = _load_base(cfg.base)
+        condition = backbone.text_encoder.encode
+    else:
+        ns = argparse.Namespace(llm=cfg.planner, bridge=cfg.bridge, model=cfg.base, writer=cfg.writer or "same",
+                                load_in_8bit=False, trust_remote_code=False, reads="plan")  # fmt: skip
+        pipe = _load_bridge_pipeline(ns)
+        backbone = pipe.backbone
+
+        def condition(captions):
+            plans = [r.plan.to_text() for r in pipe.writer.plan(captions)]
+            cond, _ = pipe.conditioning_for(captions, plans)
+            if callable(cond):
+                raise ValueError(f"bridge {cfg.bridge} is timestep-aware: DPO on it is not supported yet")
+            return cond
+
+    folder = train_unet_dpo(cfg, backbone.unet, backbone.vae, backbone.training_scheduler(), condition)
+    print(f"exported {folder}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "euler-a", "dpm++2m"], default="ddim")
@@ -480,6 +522,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model folder (default: the shipped toy base)")
     p.add_argument("--llm", default=None, help="planner LLM folder, any local HF causal LM (default: shipped toy)")
     p.add_argument("--bridge", default=None, help="bridge folder (default: the shipped toy bridge)")
+    p.add_argument("--unet-dpo", default=None, help="a DPO LoRA folder (plan2img dpo) merged into the U-Net")
     p.add_argument(
         "--adapter",
         default=None,
@@ -644,6 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="e.g. configs/toy_A.yaml")
     train.add_argument("--set", nargs="*", default=[], help="top-level overrides KEY=VALUE (YAML values)")
     train.set_defaults(func=_cmd_train)
+    dpo = sub.add_parser("dpo", help="Diffusion-DPO of a U-Net LoRA on image pairs (stage D; YAML config)")
+    dpo.add_argument("--config", required=True, help="e.g. configs/toy_dpo.yaml")
+    dpo.add_argument("--set", nargs="*", default=[], help="top-level overrides KEY=VALUE (YAML values)")
+    dpo.set_defaults(func=_cmd_dpo)
     return parser
 
 

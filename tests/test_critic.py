@@ -5,6 +5,7 @@ never loses the rounds done, and the strip + JSON are written."""
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -291,6 +292,31 @@ def test_cli_eval_best_of_and_refine_and_their_pairs_load_back(world, saved, tmp
     assert (
         main(common + ["--best-of", "2", "--refine", "2", "--out", str(tmp_path / "x")] + _models(world, saved)) == 2
     )
+
+
+def test_cli_dpo_trains_a_unet_lora_on_pairs_and_generate_merges_it(world, saved, tmp_path):
+    writer = PairWriter()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        img = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+        writer.add_ranked(["two blue squares", "a red circle"][i % 2], img, [0.9, 0.1])
+    writer.save(tmp_path / "pairs")
+    out = tmp_path / "dpo"
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy_dpo.yaml"
+    sets = [f"pairs={tmp_path / 'pairs' / 'images'}", f"out={out}", f"base={world['base']}",
+            f"bridge={saved['bridge']}", f"planner={world['planner']}", "writer=null", "batch_size=3",
+            "max_steps=2", "warmup=1", "log_every=1", "heldout_fraction=0.25", "lr=0.05"]  # fmt: skip
+    assert main(["dpo", "--config", str(config), "--set", *sets]) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all("heldout_implicit_acc" in r for r in log)
+    models = _models(world, saved)
+    i = models.index("--critic")
+    gen = ["generate", "a red circle", "--plan", WANT, "--seed", "1"] + models[:i] + models[i + 2 :]
+    assert main(gen + ["-o", str(tmp_path / "base.png")]) == 0
+    assert main(gen + ["-o", str(tmp_path / "dpo.png"), "--unet-dpo", str(out / "final")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("base", "dpo"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert main(["dpo", "--config", str(config), "--set", "beta_typo=1"]) == 2
 
 
 def test_preference_pairs_keep_the_columns_and_drop_ties(tmp_path):
