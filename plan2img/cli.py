@@ -436,45 +436,44 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _set_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE ...`` as a dict (values read as YAML)."""
     import yaml
 
-    from alignment.bridge_training import train_bridge
-    from alignment.stages import load_config
-
     overrides = {}
-    for item in args.set:
+    for item in items:
         if "=" not in item:
             raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
-    cfg = load_config(args.config, overrides)
-    for key in ("base", "planner"):  # shipped models named as in the repository work from any directory
-        given = Path(getattr(cfg, key))
-        if not given.exists() and given.parts[:2] == ("toyworld", "pretrained") and len(given.parts) == 3:
-            setattr(cfg, key, str(_pretrained(given.parts[2], None)))
+    return overrides
+
+
+def _resolve_shipped(cfg, keys: tuple[str, ...]) -> None:
+    """Shipped models named as in the repository (``toyworld/pretrained/NAME``) work from any directory."""
+    for key in keys:
+        given = getattr(cfg, key)
+        parts = Path(given).parts if given else ()
+        if given and not Path(given).exists() and parts[:2] == ("toyworld", "pretrained") and len(parts) == 3:
+            setattr(cfg, key, str(_pretrained(parts[2], None)))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from alignment.bridge_training import train_bridge
+    from alignment.stages import load_config
+
+    cfg = load_config(args.config, _set_overrides(args.set))
+    _resolve_shipped(cfg, ("base", "planner"))
     for folder in train_bridge(cfg):
         print(f"exported {folder}")
     return 0
 
 
 def _cmd_dpo(args: argparse.Namespace) -> int:
-    import yaml
-
     from alignment.dpo import load_dpo_config, train_unet_dpo
 
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_dpo_config(args.config, overrides)
-    shipped = {k: getattr(cfg, k) for k in ("base", "bridge", "planner", "writer")}
-    for key, given in shipped.items():  # shipped models named as in the repository work from any directory
-        parts = Path(given).parts if given else ()
-        if given and not Path(given).exists() and parts[:2] == ("toyworld", "pretrained") and len(parts) == 3:
-            setattr(cfg, key, str(_pretrained(parts[2], None)))
+    cfg = load_dpo_config(args.config, _set_overrides(args.set))
+    _resolve_shipped(cfg, ("base", "bridge", "planner", "writer"))
     if cfg.bridge is None:
         backbone = _load_base(cfg.base)
         condition = backbone.text_encoder.encode
