@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_scheduler, tiny_unet, tiny_vae
+from tiny_models import save_tiny_planner, tiny_scheduler, tiny_unet, tiny_vae
 
 import alignment
 from alignment.dpo import (
@@ -24,9 +24,14 @@ from alignment.dpo import (
     train_unet_dpo,
 )
 from alignment.losses import diffusion_dpo_loss
+from alignment.planner_dpo import PlannerDPOConfig, plan_pairs, train_planner_dpo
+from alignment.preference import PairWriter
 from alignment.prepared import DataPrepError
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.sampling import unet_forward
+from planner.planner import Planner
+from planner.tokens import format_prompt
+from toyworld import vocab as V
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -256,3 +261,51 @@ def test_stage_d_trains_logs_heldout_metrics_and_exports_a_lora_that_loads(tmp_p
     small = DPOTrainConfig(pairs=str(path), out=str(tmp_path / "dpo2"), batch_size=64)
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_unet_dpo(small, tiny_unet(sample_size=8), vae, scheduler, _caption_cond, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ planner DPO (TRL)
+GOOD = ("<IMG_BEGIN> <STYLE> plain background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center "
+        "<COLOR> red <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>")  # fmt: skip
+BAD = GOOD.replace("red circle", "blue square").replace("<COLOR> red", "<COLOR> blue")
+
+
+def test_planner_dpo_trains_a_lora_that_the_planner_loads_and_prefers_the_chosen_plan(tmp_path):
+    planner_dir = save_tiny_planner(tmp_path / "llm", "qwen2")
+    writer = PairWriter()
+    for prompt in ("a red circle", "one red circle in the middle", "a circle, red", "red circle please"):
+        writer.add_plans(prompt, GOOD, BAD)
+    writer.save(tmp_path / "pairs")
+    cfg = PlannerDPOConfig(pairs=str(tmp_path / "pairs" / "plans"), planner=str(planner_dir),
+                           out=str(tmp_path / "dpo"), lora_rank=4, lr=5e-3, max_steps=6, batch_size=2, logging_steps=2,
+                           precompute_ref_log_probs=True)  # fmt: skip
+    adapter = train_planner_dpo(cfg, V.TOY_PLAN_SPEC)
+    log = [json.loads(x) for x in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in log)
+    margins = [r["rewards/margins"] for r in log if "rewards/margins" in r]
+    assert margins and margins[-1] > 0  # the chosen plan's implicit reward rose above the rejected one's
+    tuned = Planner.from_pretrained(planner_dir, spec=V.TOY_PLAN_SPEC, adapter=adapter)
+    base = Planner.from_pretrained(planner_dir, spec=V.TOY_PLAN_SPEC)
+
+    def logprob(p, plan):
+        prompt = format_prompt(p.tokenizer, "a red circle")
+        ids = p.tokenizer(prompt + " " + plan, return_tensors="pt").input_ids
+        n = len(p.tokenizer(prompt).input_ids)
+        with torch.no_grad():
+            logits = p.model(ids).logits[0, n - 1 : -1]
+        return logits.log_softmax(-1).gather(1, ids[0, n:, None]).sum()
+
+    assert logprob(tuned, GOOD) - logprob(tuned, BAD) > logprob(base, GOOD) - logprob(base, BAD)
+    assert tuned.plan(["a red circle"])[0].plan is not None  # it still plans (constrained)
+
+
+def test_plan_pairs_with_a_broken_plan_name_the_row(tmp_path):
+    planner_dir = save_tiny_planner(tmp_path / "llm", "llama")
+    tok = Planner.from_pretrained(planner_dir, spec=V.TOY_PLAN_SPEC).tokenizer
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "chosen": GOOD, "rejected": "<IMG_BEGIN> nonsense"}) + "\n")
+    with pytest.raises(DataPrepError, match="row 0, column 'rejected'"):
+        plan_pairs(bad, tok, V.TOY_PLAN_SPEC)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"prompt": "x", "chosen": GOOD}) + "\n")
+    with pytest.raises(DataPrepError, match=r"lack columns \['rejected'\]"):
+        plan_pairs(missing, tok, V.TOY_PLAN_SPEC)
