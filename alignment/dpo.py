@@ -7,9 +7,10 @@
 - `pair_errors`: the per-pair squared errors of winner and loser latents under one noise draw and one timestep,
   in one U-Net call of batch 2B;
 - `dpo_step_losses`: policy errors (with gradients) and reference errors (without) into `diffusion_dpo_loss`;
-- `train_unet_dpo`: stage D for the U-Net LoRA on the one training loop (`alignment.loop.fit`): pairs in
-  Pick-a-Pic's columns, a held-out split for implicit accuracy and drift, the LoRA exported as a low-rank U-Net
-  delta (``unet_dpo.safetensors`` + ``config.json``) that `load_unet_dpo` merges into a U-Net.
+- `train_dpo`: stage D on the one training loop (`alignment.loop.fit`) for a U-Net LoRA, the connector (against
+  a frozen copy of it), or both: pairs in Pick-a-Pic's columns, a held-out split for implicit accuracy and drift,
+  the LoRA exported as a low-rank U-Net delta (``unet_dpo.safetensors``, merged by `load_unet_dpo`) and the
+  connector as a bridge folder (``bridge/``).
 
 The loss itself is `alignment.losses.diffusion_dpo_loss`. The conditioning of a caption comes from the caller
 (`condition`): the native text encoder for plain SD DPO, or the frozen bridge chain (plan -> LLM -> connector),
@@ -18,6 +19,7 @@ so DPO tunes the U-Net under the conditioning it will see at inference.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +41,7 @@ from alignment.stages import build_config, read_yaml_mapping
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.sampling import encode_images, unet_forward
 from llm_bridge.bridge import apply_delta
+from llm_bridge.encoder import PlanStates
 from safeio import atomic_dir
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention, as diffusers' DPO example
@@ -104,17 +107,20 @@ def dpo_step_losses(
     beta: float,
     generator: torch.Generator,
     sft_weight: float = 0.0,
+    ref_cond: Conditioning | None = None,
 ) -> dict[str, torch.Tensor]:
     """One DPO micro-batch: a shared noise draw and timestep per pair (from ``generator``), the reference errors
-    with the adapters disabled (no gradient), the policy errors with them. Returns the loss (key ``loss``), the
-    mean implicit accuracy and reward margin, and the policy's mean diffusion loss on winners and losers."""
+    with the adapters disabled and under ``ref_cond`` (default ``cond``; a frozen connector's output in connector
+    DPO), without gradient, the policy errors with them. Returns the loss (key ``loss``), the mean implicit
+    accuracy and reward margin, and the policy's mean diffusion loss on winners and losers."""
     b = latents_w.shape[0]
     device = latents_w.device
     noise = torch.randn(latents_w.shape, generator=generator, device=generator.device).to(device, latents_w.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
     t = t.to(device)
     with torch.no_grad(), adapters_disabled(unet):
-        ref_w, ref_l = pair_errors(unet, scheduler, cond, latents_w, latents_l, noise, t)
+        ref_w, ref_l = pair_errors(unet, scheduler, cond if ref_cond is None else ref_cond, latents_w, latents_l,
+                                   noise, t)  # fmt: skip
     pol_w, pol_l = pair_errors(unet, scheduler, cond, latents_w, latents_l, noise, t)
     out: DPOLoss = diffusion_dpo_loss(pol_w, pol_l, ref_w, ref_l, beta, sft_weight)
     return {
@@ -134,6 +140,7 @@ DPO_WEIGHTS = "unet_dpo.safetensors"
 class DPOTrainConfig:
     pairs: str = "runs/pairs_train/pairs/best-of/images"  # image pairs in Pick-a-Pic's columns (folder or Parquet)
     out: str = "runs/dpo"
+    target: str = "unet_lora"  # unet_lora | connector (against a frozen copy) | both
     # the models `plan2img dpo` builds the conditioning from (the trainer itself takes models)
     base: str = "toyworld/pretrained/base"
     bridge: str | None = "toyworld/pretrained/bridge"  # None: the base's native text encoder (plain SD DPO)
@@ -156,6 +163,8 @@ class DPOTrainConfig:
     stop_at: int | None = None
 
     def __post_init__(self) -> None:
+        if self.target not in ("unet_lora", "connector", "both"):
+            raise ValueError(f"target must be unet_lora, connector or both, got {self.target!r}")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -167,29 +176,76 @@ def load_dpo_config(path: str | Path, overrides: dict | None = None) -> DPOTrain
     return build_config(DPOTrainConfig, read_yaml_mapping(path, overrides), str(path))
 
 
+class FixedConditioning:
+    """U-Net DPO: each caption's conditioning computed once, the same for the policy and the reference."""
+
+    def __init__(self, cond: Conditioning):
+        self.cond = cond
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, condition: Callable[[list[str]], Conditioning], captions: list[str], batch: int = 64):
+        return cls(Conditioning.cat([condition(captions[s : s + batch]) for s in range(0, len(captions), batch)]))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def rows(self, idx, device) -> tuple[Conditioning, Conditioning]:
+        cond = self.cond.index(idx).to(device)
+        return cond, cond
+
+
+class ConnectorConditioning:
+    """Connector DPO: the bridge's connector, trainable, over each caption's LLM states (and native tokens and
+    region masks), computed once; the reference is a frozen copy of the bridge (a few MB, unlike a U-Net)."""
+
+    def __init__(self, bridge, states: PlanStates, native: Conditioning | None, masks: torch.Tensor | None):
+        self.bridge, self.states, self.native, self.masks = bridge, states, native, masks
+        self.reference = copy.deepcopy(bridge).requires_grad_(False).eval()
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, pipe, captions: list[str], plans: list[str], batch: int = 64):
+        """What ``pipe`` (a `Plan2ImgPipeline`) would read for each caption with its plan."""
+        read, plan_texts = pipe.read_texts(captions, plans)
+        parts = [pipe.plan_states(read[s : s + batch], plan_texts[s : s + batch]) for s in range(0, len(read), batch)]
+        native = None if parts[0][1] is None else Conditioning.cat([n for _, n in parts])
+        return cls(pipe.bridge, PlanStates.cat([st for st, _ in parts]), native, pipe.region_masks(plan_texts))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.bridge.connector.parameters())
+
+    def rows(self, idx, device) -> tuple[Conditioning, Conditioning]:
+        states = self.states.index(idx).to(device)
+        native = None if self.native is None else self.native.index(idx).to(device)
+        masks = None if self.masks is None else self.masks[idx].to(device)
+        with torch.no_grad():
+            ref = self.reference.to(device).conditioning(states, native, region_masks=masks)
+        return self.bridge.conditioning(states, native, region_masks=masks), ref
+
+
 @dataclass
 class PairTensors:
-    """Pairs ready for DPO: winner and loser latents (N, C, h, w) and the captions' conditioning (N rows)."""
+    """Pairs ready for DPO: winner and loser latents (N, C, h, w) and where their conditioning comes from."""
 
     latents_w: torch.Tensor
     latents_l: torch.Tensor
-    cond: Conditioning
+    source: FixedConditioning | ConnectorConditioning
 
-    def rows(self, idx, device) -> tuple[Conditioning, torch.Tensor, torch.Tensor]:
-        return self.cond.index(idx).to(device), self.latents_w[idx].to(device), self.latents_l[idx].to(device)
+    def rows(self, idx, device) -> tuple[Conditioning, Conditioning, torch.Tensor, torch.Tensor]:
+        cond, ref = self.source.rows(idx, device)
+        return cond, ref, self.latents_w[idx].to(device), self.latents_l[idx].to(device)
 
 
 @torch.no_grad()
-def pair_tensors(pairs, vae, condition: Callable[[list[str]], Conditioning], batch: int = 64) -> PairTensors:
-    """Encode a pair data set's images (``image_w``, ``image_l``) with the VAE and its captions with
-    ``condition``, in batches."""
-    zw, zl, conds = [], [], []
+def pair_latents(pairs, vae, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair data set's images (``image_w``, ``image_l``) as VAE latents, in batches."""
+    zw, zl = [], []
     for s in range(0, len(pairs), batch):
         rows = pairs[s : s + batch]
         zw.append(encode_images(vae, np.stack([np.asarray(x) for x in rows["image_w"]])))
         zl.append(encode_images(vae, np.stack([np.asarray(x) for x in rows["image_l"]])))
-        conds.append(condition(list(rows["caption"])))
-    return PairTensors(torch.cat(zw), torch.cat(zl), Conditioning.cat(conds))
+    return torch.cat(zw), torch.cat(zl)
 
 
 def image_resolution(unet, vae) -> int:
@@ -204,21 +260,20 @@ def split_pairs(n: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 @torch.no_grad()
-def heldout_metrics(unet, scheduler, data: PairTensors, beta: float, seed: int, batch: int = 32) -> dict:
+def heldout_metrics(unet, scheduler, data: PairTensors, rows, beta: float, seed: int, batch: int = 32) -> dict:
     """Implicit accuracy and reward margin on held-out pairs, and the policy's and the reference's diffusion loss
     on the held-out winners, with the same noise and timesteps at every call (so the curve is comparable)."""
     g = torch.Generator().manual_seed(seed)
     out = {"heldout_implicit_acc": [], "heldout_reward_margin": [], "heldout_diffusion_loss": [],
            "heldout_ref_diffusion_loss": []}  # fmt: skip
     device = next(unet.parameters()).device
-    n = len(data.latents_w)
-    for s in range(0, n, batch):
-        idx = torch.arange(s, min(n, s + batch))
-        cond, zw, zl = data.rows(idx, device)
+    for s in range(0, len(rows), batch):
+        idx = torch.as_tensor(rows[s : s + batch])
+        cond, ref, zw, zl = data.rows(idx, device)
         noise = torch.randn(zw.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(device)
         with adapters_disabled(unet):
-            rw, rl = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
+            rw, rl = pair_errors(unet, scheduler, ref, zw, zl, noise, t)
         pw, pl = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
         res = diffusion_dpo_loss(pw, pl, rw, rl, beta)
         for key, v in (("heldout_implicit_acc", res.implicit_acc), ("heldout_reward_margin", res.reward_margin),
@@ -227,35 +282,58 @@ def heldout_metrics(unet, scheduler, data: PairTensors, beta: float, seed: int, 
     return {k: torch.cat(v).mean() for k, v in out.items()}
 
 
-def train_unet_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, condition: Callable[[list[str]], Conditioning],
-                   progress: bool = True) -> Path:  # fmt: skip
-    """Stage D: Diffusion-DPO of a U-Net LoRA on ``cfg.pairs`` through the one loop (resumable from
-    ``cfg.out/checkpoint``). ``condition(captions)`` gives the conditioning the U-Net sees for each caption (it is
-    computed once). Returns the exported folder ``cfg.out/final`` (or the checkpoint when stopped early)."""
+def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[str]], object],
+              progress: bool = True) -> Path:  # fmt: skip
+    """Stage D: Diffusion-DPO on ``cfg.pairs`` through the one loop (resumable from ``cfg.out/checkpoint``) of
+    ``cfg.target``: a U-Net LoRA (``unet_lora``), the connector (``connector``) or both. ``source(captions)``
+    builds the captions' conditioning once: `FixedConditioning` (U-Net LoRA only) or `ConnectorConditioning`.
+    Returns the exported folder ``cfg.out/final`` (``unet_dpo.safetensors`` and/or ``bridge/``), or the
+    checkpoint when stopped early."""
     pairs = load_preference_pairs(cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed)
     train_idx, held_idx = split_pairs(len(pairs), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
         raise ValueError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "
                          f"({cfg.batch_size})")  # fmt: skip
-    train = pair_tensors(pairs.select(train_idx), vae, condition)
-    held = pair_tensors(pairs.select(held_idx), vae, condition) if len(held_idx) else None
-    params = add_unet_lora(unet, cfg.lora_rank)
+    data = PairTensors(*pair_latents(pairs, vae), source(list(pairs["caption"])))
+    unet.requires_grad_(False)
+    params = add_unet_lora(unet, cfg.lora_rank) if cfg.target in ("unet_lora", "both") else []
+    if cfg.target in ("connector", "both"):
+        if not data.source.parameters():
+            raise ValueError(f"target {cfg.target!r} trains the connector: it needs a bridge, not native text")
+        data.source.bridge.requires_grad_(False)
+        params += [p.requires_grad_(True) for p in data.source.parameters()]
+    modules = _Trained(unet, getattr(data.source, "bridge", None))
     opt = _optimizer(cfg, params)
     sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     sampler = EpochSampler(len(train_idx), cfg.batch_size, cfg.seed)
 
     def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
-        cond, zw, zl = train.rows(sampler.batch(step), device)
-        out = dpo_step_losses(unet, scheduler, cond, zw, zl, cfg.beta, gen, cfg.sft_weight)
-        if held is not None and (step + 1) % cfg.log_every == 0:
-            out |= heldout_metrics(unet, scheduler, held, cfg.beta, cfg.seed + 23)
+        cond, ref, zw, zl = data.rows(torch.as_tensor(train_idx)[sampler.batch(step)], device)
+        out = dpo_step_losses(unet, scheduler, cond, zw, zl, cfg.beta, gen, cfg.sft_weight, ref)
+        if len(held_idx) and (step + 1) % cfg.log_every == 0:
+            out |= heldout_metrics(unet, scheduler, data, held_idx, cfg.beta, cfg.seed + 23)
         return out
 
-    unet.train()
-    if not fit("unet_dpo", cfg, unet, opt, sched, losses, generators={"dpo": gen}, progress=progress):
+    modules.train()
+    if not fit("dpo", cfg, modules, opt, sched, losses, generators={"dpo": gen}, progress=progress):
         return Path(cfg.out) / "checkpoint"
-    return save_unet_dpo(unet, Path(cfg.out) / "final", cfg)
+    return save_dpo(modules, Path(cfg.out) / "final", cfg)
+
+
+def train_unet_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, condition: Callable[[list[str]], Conditioning],
+                   progress: bool = True) -> Path:  # fmt: skip
+    """`train_dpo` of a U-Net LoRA under a fixed conditioning ``condition(captions)``."""
+    return train_dpo(cfg, unet, vae, scheduler, lambda caps: FixedConditioning.of(condition, caps), progress)
+
+
+class _Trained(torch.nn.Module):
+    """What a DPO run trains, as one module for the loop's checkpoints: the U-Net (its LoRA) and the bridge."""
+
+    def __init__(self, unet, bridge=None):
+        super().__init__()
+        self.unet = unet
+        self.bridge = bridge
 
 
 def _optimizer(cfg: DPOTrainConfig, params):
@@ -266,14 +344,19 @@ def _optimizer(cfg: DPOTrainConfig, params):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
 
 
-def save_unet_dpo(unet, folder: str | Path, cfg: DPOTrainConfig | None = None) -> Path:
-    """The DPO LoRA as a low-rank U-Net delta (safetensors) with a config.json, written atomically."""
-    delta = lora_factors(unet, lambda name: True)
-    if not delta:
-        raise ValueError("this U-Net has no LoRA layers to save")
+def save_dpo(modules: _Trained, folder: str | Path, cfg: DPOTrainConfig | None = None) -> Path:
+    """What a DPO run trained, written atomically: the U-Net LoRA as a low-rank delta (``unet_dpo.safetensors``,
+    merged by `load_unet_dpo`), the trained bridge as a bridge folder (``bridge/``), and a config.json."""
+    delta = lora_factors(modules.unet, lambda name: True)
+    trained_bridge = cfg is not None and cfg.target in ("connector", "both")
+    if not delta and not trained_bridge:
+        raise ValueError("nothing to save: the U-Net has no LoRA layers and no connector was trained")
     with atomic_dir(folder) as tmp:
-        save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / DPO_WEIGHTS))
-        meta = {"kind": "unet_dpo_lora", **({} if cfg is None else asdict(cfg))}
+        if delta:
+            save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / DPO_WEIGHTS))
+        if trained_bridge:
+            modules.bridge.save_pretrained(tmp / "bridge")
+        meta = {"kind": "dpo", **({} if cfg is None else asdict(cfg))}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(folder)
 

@@ -470,27 +470,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_dpo(args: argparse.Namespace) -> int:
-    from alignment.dpo import load_dpo_config, train_unet_dpo
+    from alignment.dpo import ConnectorConditioning, FixedConditioning, load_dpo_config, train_dpo
 
     cfg = load_dpo_config(args.config, _set_overrides(args.set))
     _resolve_shipped(cfg, ("base", "bridge", "planner", "writer"))
     if cfg.bridge is None:
         backbone = _load_base(cfg.base)
-        condition = backbone.text_encoder.encode
+
+        def source(captions):
+            return FixedConditioning.of(backbone.text_encoder.encode, captions)
+
     else:
         ns = argparse.Namespace(llm=cfg.planner, bridge=cfg.bridge, model=cfg.base, writer=cfg.writer or "same",
                                 load_in_8bit=False, trust_remote_code=False, reads="plan")  # fmt: skip
         pipe = _load_bridge_pipeline(ns)
         backbone = pipe.backbone
+        if pipe.bridge.connector.timestep_aware:
+            raise ValueError(f"bridge {cfg.bridge} is timestep-aware: DPO on it is not supported yet")
 
-        def condition(captions):
-            plans = [r.plan.to_text() for r in pipe.writer.plan(captions)]
-            cond, _ = pipe.conditioning_for(captions, plans)
-            if callable(cond):
-                raise ValueError(f"bridge {cfg.bridge} is timestep-aware: DPO on it is not supported yet")
-            return cond
+        def plans_for(captions):
+            return [r.plan.to_text() for r in pipe.writer.plan(captions)]
 
-    folder = train_unet_dpo(cfg, backbone.unet, backbone.vae, backbone.training_scheduler(), condition)
+        def source(captions):
+            if cfg.target == "unet_lora":
+                return FixedConditioning.of(lambda caps: pipe.conditioning_for(caps, plans_for(caps))[0], captions)
+            return ConnectorConditioning.of(pipe, captions, plans_for(captions))
+
+    folder = train_dpo(cfg, backbone.unet, backbone.vae, backbone.training_scheduler(), source)
     print(f"exported {folder}")
     return 0
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from tiny_models import save_tiny_planner, save_tiny_toy_base
 
 from alignment.critic_training import (
@@ -316,6 +317,17 @@ def test_cli_dpo_trains_a_unet_lora_on_pairs_and_generate_merges_it(world, saved
     assert main(gen + ["-o", str(tmp_path / "dpo.png"), "--unet-dpo", str(out / "final")]) == 0
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("base", "dpo"))
     assert a.shape == b.shape and not np.array_equal(a, b)
+    both = tmp_path / "dpo_both"  # the connector (against a frozen copy) and the U-Net LoRA together
+    assert main(["dpo", "--config", str(config), "--set", *sets, f"out={both}", "target=both"]) == 0
+    assert (both / "final" / "unet_dpo.safetensors").is_file() and (both / "final" / "bridge").is_dir()
+    before, after = (load_file(str(f / "model.safetensors")) for f in (saved["bridge"], both / "final" / "bridge"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("connector.") for k in changed)  # the connector moved, nothing else
+    i = gen.index("--bridge")
+    gen_both = gen[:i] + ["--bridge", str(both / "final" / "bridge")] + gen[i + 2 :]
+    assert main(gen_both + ["-o", str(tmp_path / "both.png"), "--unet-dpo", str(both / "final")]) == 0
+    c = np.asarray(Image.open(tmp_path / "both.png"))
+    assert not np.array_equal(a, c) and not np.array_equal(b, c)
     assert main(["dpo", "--config", str(config), "--set", "beta_typo=1"]) == 2
 
 
