@@ -12,9 +12,10 @@
   the LoRA exported as a low-rank U-Net delta (``unet_dpo.safetensors``, merged by `load_unet_dpo`) and the
   connector as a bridge folder (``bridge/``).
 
-The loss itself is `alignment.losses.diffusion_dpo_loss`. The conditioning of a caption comes from the caller
-(`condition`): the native text encoder for plain SD DPO, or the frozen bridge chain (plan -> LLM -> connector),
-so DPO tunes the U-Net under the conditioning it will see at inference.
+The loss itself is `alignment.losses.diffusion_dpo_loss`. The conditioning of a caption comes from the caller's
+``source``: fixed (`FixedConditioning`: the native text encoder for plain SD DPO, or the frozen chain, plan -> LLM
+-> connector, so the U-Net is tuned under the conditioning it sees at inference) or trainable
+(`ConnectorConditioning`: the connector over cached LLM states, with a frozen copy as the reference).
 """
 
 from __future__ import annotations
