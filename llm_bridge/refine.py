@@ -9,8 +9,9 @@ Round 0 is a normal generation. Each later round starts from the best image so f
   ``local_strength``, cost that fraction of a generation;
 - ``sdedit``: SDEdit of the whole image at ``sdedit_strength`` with fresh noise (keeps the composition, redraws
   details); used when the findings name no placed object;
-- ``reseed``: a fresh generation with the next seed (cost 1); used when the moves above are not allowed or
-  have failed ``patience`` times in a row.
+- ``reseed``: a fresh generation with the next seed (cost 1); used when a scene-wide field (style, lighting,
+  camera) is wrong (edits that keep the composition keep those too: measured, docs/results.md), when the moves
+  above are not allowed, or when they have failed ``patience`` times in a row.
 
 Compute is counted in diffusion calls (a partial SDEdit counts as its fraction of the steps); the loop stops when
 the critic finds nothing wrong, or when the next move would exceed ``budget`` (default ``rounds``). The same seed
@@ -52,6 +53,7 @@ class RefineConfig:
     sdedit_strength: float = 0.5
     patience: int = 2  # failed edits in a row before a reseed
     clear_found: bool = True  # local edits also redraw where the reading puts extra or misplaced objects
+    scene_reseed: bool = True  # a wrong style / lighting / camera is fixed by a reseed, not by an edit
     seed_stride: int = SEED_STRIDE  # the j-th new seed of a trajectory is ``seed + j * seed_stride`` (best-of-K's)
     sampler: str = "dpm++2m"
     steps: int = 25
@@ -224,6 +226,9 @@ class Refiner:
         allowed = [m for m in MOVES if m in cfg.moves]
         if (fails >= cfg.patience or best.critique is None) and "reseed" in allowed:
             return "reseed"  # edits keep failing, or the critic could not read the image: nothing to edit by
+        if cfg.scene_reseed and "reseed" in allowed and any(f.object is None and f.kind != "extra"
+                                                             for f in best.critique.findings):  # fmt: skip
+            return "reseed"  # style / lighting / camera are global: an edit that keeps the composition keeps them
         if best.critique is not None and best.critique.failing_objects() and "local" in allowed:
             return "local"
         if "sdedit" in allowed:

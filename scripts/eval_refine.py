@@ -10,7 +10,8 @@ results.jsonl), so `scripts/results_table.py` gives the table with paired differ
 - ``refine@k`` for each k of ``--refine``: one loop per image at the largest k (batches of trajectories in
   lockstep, `Refiner.run_batch`), the smaller k read off it with `Trajectory.prefix` (the loop's choices do not
   depend on its limits; both are tested to equal their own runs); ``--moves`` restricts the loop's moves and
-  ``--no-clear-found`` makes local edits redraw only the intended regions (the ablations).
+  ``--no-clear-found`` makes local edits redraw only the intended regions, ``--no-scene-reseed`` answers a wrong
+  style / lighting / camera with an edit instead of a reseed (the ablations).
 
 Also written: ``latency.json`` (per-round seconds: conditioning, generation, decode, critic; per trajectory),
 ``moves.json`` (how often each move ran, and how often it raised the critic's score), and critic-ranked preference
@@ -101,10 +102,11 @@ def refine_rows(pipe, critic, entries, args, pairs: PairWriter) -> tuple[dict[st
     """Rows refine@k for each k of ``--refine``: one loop at the largest k, the smaller ones as its prefixes."""
     top = max(args.refine)
     config = RefineConfig(rounds=top, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
-                          clear_found=not args.no_clear_found,
+                          clear_found=not args.no_clear_found, scene_reseed=not args.no_scene_reseed,
                           **({"moves": tuple(args.moves.split(","))} if args.moves else {}))  # fmt: skip
     refiner = Refiner(pipe, critic, config)
-    tag = " ".join(filter(None, [args.moves, "no-clear-found" if args.no_clear_found else ""]))
+    tag = " ".join(filter(None, [args.moves, "no-clear-found" if args.no_clear_found else "",
+                                 "no-scene-reseed" if args.no_scene_reseed else ""]))  # fmt: skip
     tag = f" ({tag})" if tag else ""
     rows: dict[str, list[dict]] = {f"bridge refine@{k}{tag}": [] for k in sorted(args.refine)}
     trajectories = []
@@ -162,6 +164,7 @@ def main() -> None:
     p.add_argument("--refine", type=int, nargs="*", default=[2, 4], help="refine@k rows (none: skip the loop)")
     p.add_argument("--moves", default=None, help="refine moves, comma-separated (default: all)")
     p.add_argument("--no-clear-found", action="store_true", help="local edits redraw only the intended regions")
+    p.add_argument("--no-scene-reseed", action="store_true", help="scene-field findings get edits, not a reseed")
     p.add_argument("--systems", nargs="+", default=["bridge", "native"], choices=["bridge", "native"])
     p.add_argument("--bridge", default=None)
     p.add_argument("--critic", default=None)
@@ -176,7 +179,8 @@ def main() -> None:
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     generators = {"bridge": pipe.as_generator(**sampling), "native": native.as_generator(**sampling)}
     pairs, rows = PairWriter(), {}
-    suffix = "_".join(filter(None, [args.moves, "no_clear_found" if args.no_clear_found else ""]))
+    suffix = "_".join(filter(None, [args.moves, "no_clear_found" if args.no_clear_found else "",
+                                    "no_scene_reseed" if args.no_scene_reseed else ""]))  # fmt: skip
     suffix = "_" + suffix.replace(",", "_") if suffix else ""  # of this run's refine files
     if args.best_of:
         for system in args.systems:

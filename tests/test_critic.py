@@ -30,7 +30,7 @@ from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.pipeline import Plan2ImgPipeline
-from llm_bridge.refine import RefineConfig, Refiner, best_of
+from llm_bridge.refine import RefineConfig, Refiner, Round, best_of
 from plan2img.cli import main
 from planner.critic import CriticError, PlanReader, critique
 from planner.planner import Planner
@@ -184,6 +184,19 @@ def test_local_edits_redraw_failing_objects_and_where_the_reading_puts_wrong_one
     only_intended = _refiner(world, clear_found=False)._keep_mask(WANT, crit, size)[0, 0]
     assert (only_intended[core("top right")] == 0).all() and (only_intended[core("bottom right")] == 0).all()
     assert (only_intended[core("top left")] == 1).any()  # without clear_found, the misplaced square stays
+
+
+def test_a_wrong_scene_field_gets_a_reseed_and_a_wrong_object_a_local_edit(world):
+    want = Plan.parse(WANT)
+    dim = critique(want, Plan(**{**want.__dict__, "lighting": "dim light"}), G)
+    assert [f.kind for f in dim.findings] == ["lighting"]
+    moved = critique(want, plan("<OBJECT> 1 small red circle at right <OBJECT> 2 medium blue square at top right, "
+                                "bottom right"), G)  # fmt: skip
+    image = np.zeros((8, 8, 3), np.uint8)
+    for critic_says, on, off in ((dim, "reseed", "sdedit"), (moved, "local", "local")):
+        best = Round(0, "generate", 0, 1.0, image, critic_says)
+        assert _refiner(world)._choose(best, 0) == on
+        assert _refiner(world, scene_reseed=False)._choose(best, 0) == off
 
 
 def test_a_shorter_run_is_the_prefix_of_a_longer_one(world):
