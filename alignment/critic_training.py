@@ -226,10 +226,16 @@ def train_critic(cfg: CriticTrainConfig, progress: bool = True) -> Path:
     n = len(plans) if cfg.max_examples is None else min(cfg.max_examples, len(plans))
     images, plans = images[:n], plans[:n]
     n_vae = int(round(cfg.vae_fraction * n)) if cfg.base else 0
-    round_trips = _cached_round_trips(cfg, images[:n_vae], out / "cache", progress)
+    round_trips = _cached(out / "cache" / f"vae_round_trips_{n_vae}.npy", images[:n_vae],
+                          lambda: vae_round_trips(cfg.base, images[:n_vae], progress=progress))  # fmt: skip
     n_unet = int(round(cfg.unet_fraction * n)) if cfg.base else 0
-    unet_trips = _cached_unet_trips(cfg, images[-n_unet:] if n_unet else images[:0], prompts[n - n_unet : n],
-                                    out / "cache", progress)  # fmt: skip
+    lo, hi = cfg.unet_strength
+    unet_trips = _cached(
+        out / "cache" / f"unet_round_trips_{n_unet}_{lo}_{hi}_{cfg.unet_steps}_{cfg.unet_guidance}.npy",
+        images[n - n_unet : n],
+        lambda: unet_round_trips(cfg.base, images[n - n_unet : n], prompts[n - n_unet : n], cfg.unet_strength,
+                                 cfg.unet_steps, cfg.unet_guidance, cfg.seed, progress=progress),
+    )  # fmt: skip
     model, processor = build_toy_critic(cfg)
     batches = CriticBatches(processor, plans, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -261,30 +267,14 @@ def _pick(i: int, use: bool, images, vae_trips, unet_trips, n: int) -> np.ndarra
     return images[i]
 
 
-def _cached_unet_trips(cfg: CriticTrainConfig, images, captions, folder: Path, progress: bool) -> np.ndarray:
-    lo, hi = cfg.unet_strength
-    path = folder / f"unet_round_trips_{len(images)}_{lo}_{hi}_{cfg.unet_steps}_{cfg.unet_guidance}.npy"
+def _cached(path: Path, images: np.ndarray, compute) -> np.ndarray:
+    """``compute()`` of a non-empty image set, saved once at ``path`` (atomically) and read back memory-mapped."""
     if len(images) == 0:
         return images
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        trips = unet_round_trips(cfg.base, images, captions, cfg.unet_strength, cfg.unet_steps, cfg.unet_guidance,
-                                 cfg.seed, progress=progress)  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, trips)
-        tmp.replace(path)
-    return np.load(path, mmap_mode="r")
-
-
-def _cached_round_trips(cfg: CriticTrainConfig, images: np.ndarray, folder: Path, progress: bool) -> np.ndarray:
-    path = folder / f"vae_round_trips_{len(images)}.npy"
-    if len(images) == 0:
-        return images
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        trips = vae_round_trips(cfg.base, images, progress=progress)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, trips)
+        np.save(tmp, compute())
         tmp.replace(path)
     return np.load(path, mmap_mode="r")
 

@@ -19,13 +19,12 @@ import torch
 from peft import LoraConfig
 
 from alignment.planner_sft import JsonlCallback, plan_body
+from alignment.preference import PLAN_PAIR_COLUMNS
 from alignment.prepared import DataPrepError, read_source
 from planner.planner import Planner
 from planner.schema import Plan, PlanError, PlanSpec
 from planner.tokens import format_prompt
 from safeio import atomic_dir, atomic_write_json
-
-PLAN_PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
