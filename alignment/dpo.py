@@ -99,6 +99,17 @@ def pair_errors(unet, scheduler, cond: Conditioning, latents_w: torch.Tensor, la
     return err.chunk(2)
 
 
+def policy_and_reference_errors(
+    unet, scheduler, cond: Conditioning, ref_cond: Conditioning, latents_w, latents_l, noise, t
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy winner, policy loser, reference winner, reference loser) errors under one noise draw and t: the
+    reference with the adapters disabled, under ``ref_cond``, without gradient."""
+    with torch.no_grad(), adapters_disabled(unet):
+        ref_w, ref_l = pair_errors(unet, scheduler, ref_cond, latents_w, latents_l, noise, t)
+    pol_w, pol_l = pair_errors(unet, scheduler, cond, latents_w, latents_l, noise, t)
+    return pol_w, pol_l, ref_w, ref_l
+
+
 def dpo_step_losses(
     unet,
     scheduler,
@@ -119,10 +130,9 @@ def dpo_step_losses(
     noise = torch.randn(latents_w.shape, generator=generator, device=generator.device).to(device, latents_w.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
     t = t.to(device)
-    with torch.no_grad(), adapters_disabled(unet):
-        ref_w, ref_l = pair_errors(unet, scheduler, cond if ref_cond is None else ref_cond, latents_w, latents_l,
-                                   noise, t)  # fmt: skip
-    pol_w, pol_l = pair_errors(unet, scheduler, cond, latents_w, latents_l, noise, t)
+    pol_w, pol_l, ref_w, ref_l = policy_and_reference_errors(
+        unet, scheduler, cond, cond if ref_cond is None else ref_cond, latents_w, latents_l, noise, t
+    )
     out: DPOLoss = diffusion_dpo_loss(pol_w, pol_l, ref_w, ref_l, beta, sft_weight)
     return {
         "loss": out.loss,
@@ -273,9 +283,7 @@ def heldout_metrics(unet, scheduler, data: PairTensors, rows, beta: float, seed:
         cond, ref, zw, zl = data.rows(idx, device)
         noise = torch.randn(zw.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(device)
-        with adapters_disabled(unet):
-            rw, rl = pair_errors(unet, scheduler, ref, zw, zl, noise, t)
-        pw, pl = pair_errors(unet, scheduler, cond, zw, zl, noise, t)
+        pw, pl, rw, rl = policy_and_reference_errors(unet, scheduler, cond, ref, zw, zl, noise, t)
         res = diffusion_dpo_loss(pw, pl, rw, rl, beta)
         for key, v in (("heldout_implicit_acc", res.implicit_acc), ("heldout_reward_margin", res.reward_margin),
                        ("heldout_diffusion_loss", pw), ("heldout_ref_diffusion_loss", rw)):  # fmt: skip
