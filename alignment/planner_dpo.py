@@ -31,6 +31,7 @@ from safeio import atomic_dir, atomic_write_json
 class PlannerDPOConfig:
     pairs: str = "runs/pairs_train/pairs/best-of/plans"  # prompt / chosen / rejected plans
     planner: str = "toyworld/pretrained/planner"  # the planner LM the LoRA is trained on
+    adapter: str | None = None  # a LoRA adapter merged into ``planner`` first (the toy writer: planner_wide)
     out: str = "runs/planner_dpo"
     beta: float = 0.1  # DPO's KL strength (Rafailov et al.; TRL's default)
     loss_type: str = "sigmoid"  # TRL's loss types; sigmoid is the DPO paper's
@@ -77,13 +78,15 @@ def plan_pairs(path: str | Path, tokenizer, spec: PlanSpec | None = None) -> dat
 
 
 def train_planner_dpo(cfg: PlannerDPOConfig, spec: PlanSpec | None = None) -> Path:
-    """DPO of a LoRA adapter on ``cfg.planner`` with TRL; returns the adapter folder ``cfg.out/final/adapter``."""
+    """DPO of a LoRA adapter on ``cfg.planner`` (with ``cfg.adapter`` merged in) with TRL; returns the adapter
+    folder ``cfg.out/final/adapter``. ``cfg.out/final/writer`` holds the planner with every adapter merged: a planner
+    folder for ``plan2img generate|eval --writer``."""
     from trl import DPOConfig, DPOTrainer  # TRL pulls in much at import; only this command needs it
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    planner = Planner.from_pretrained(cfg.planner, spec=spec)
+    planner = Planner.from_pretrained(cfg.planner, spec=spec, adapter=cfg.adapter)
     tokenizer, model = planner.tokenizer, planner.model
     rows = plan_pairs(cfg.pairs, tokenizer, spec)
     if len(rows) < cfg.batch_size:
@@ -115,4 +118,5 @@ def train_planner_dpo(cfg: PlannerDPOConfig, spec: PlanSpec | None = None) -> Pa
     with atomic_dir(out / "final" / "adapter") as tmp:
         trainer.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+    Planner(trainer.model.merge_and_unload(), tokenizer, spec).save_pretrained(out / "final" / "writer")
     return out / "final" / "adapter"

@@ -31,15 +31,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from alignment.dpo import load_unet_dpo
 from alignment.preference import PairWriter
 from diffusion_backbone.models import load_backbone
 from diffusion_backbone.pipeline import TextToImagePipeline
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
 from llm_bridge.refine import RefineConfig, Refiner, best_of
-from planner.critic import PlanReader
+from planner.critic import PlanReader, critique
 from planner.planner import Planner
 from safeio import atomic_write_json
 from toyworld import vocab as V
@@ -52,8 +54,13 @@ from toyworld.pretrained import pretrained_path
 def load_models(args):
     spec = V.TOY_PLAN_SPEC
     reader = Planner.from_pretrained(pretrained_path("planner"), spec=spec)
-    writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide"))
+    if args.writer:  # a planner folder (e.g. planner DPO's final/writer)
+        writer = Planner.from_pretrained(args.writer, spec=spec)
+    else:
+        writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide"))
     backbone = load_backbone(pretrained_path("base"))
+    if args.unet_dpo:
+        load_unet_dpo(backbone.unet, args.unet_dpo)
     bridge = LLMBridge.from_pretrained(args.bridge or pretrained_path("bridge"))
     pipe = Plan2ImgPipeline(reader, bridge, backbone, writer=writer, caption=plan_caption,
                             normalize_plan=reading_order_plan)  # fmt: skip
@@ -130,6 +137,41 @@ def refine_rows(pipe, critic, entries, args, pairs: PairWriter) -> tuple[dict[st
     return rows, trajectories
 
 
+def plan_pairs(pipe, critic, entries, args, pairs: PairWriter) -> int:
+    """Plan pairs for planner DPO: ``--plan-samples`` plans sampled from the writer per image (``--plan-temperature``), one
+    image each on the image's seed, each read by the critic against the writer's greedy plan (what the prompt
+    asks for); the plan whose image the critic scores best is chosen, the worst rejected (no pair on a tie). A plan
+    that drops or changes what the greedy plan draws loses; among faithful plans, the one the U-Net renders best
+    wins. Returns the number of pairs."""
+    K, grammar, before = args.plan_samples, pipe.writer.plan_spec.object_grammar, len(pairs.plan_rows)
+    gen = torch.Generator().manual_seed(args.seed)
+    jobs = [(i, s) for i in range(len(entries)) for s in range(args.n_per_prompt)]
+    per_batch = max(1, args.batch_size // K)
+    for start in tqdm(range(0, len(jobs), per_batch), desc=f"plan pairs: {K} sampled plans per image"):
+        chunk = jobs[start : start + per_batch]
+        prompts = [entries[i]["prompt"] for i, _ in chunk]
+        greedy = [r.plan for r in pipe.writer.plan(prompts)]
+        sampled = [r.plan for r in pipe.writer.plan([p for p in prompts for _ in range(K)], do_sample=True,
+                                                    temperature=args.plan_temperature, generator=gen)]  # fmt: skip
+        keep = [j for j, plan in enumerate(sampled) if plan is not None]
+        plans = [sampled[j].to_text() for j in keep]
+        seeds = [image_seed(args.seed, *chunk[j // K]) for j in keep]
+        images = pipe([prompts[j // K] for j in keep], seeds, plans=plans, sampler=args.sampler, steps=args.steps,
+                      guidance_scale=args.guidance, batch_size=len(keep)).images  # fmt: skip
+        readings = critic.read(images)
+        scores: dict[int, list[tuple[float, str]]] = {}
+        for j, plan, reading in zip(keep, plans, readings):
+            if reading.plan is None:
+                continue
+            score = critique(greedy[j // K], reading.plan, grammar).score
+            scores.setdefault(j // K, []).append((score, plan))
+        for b, ranked in scores.items():
+            (hi, best), (lo, worst) = max(ranked), min(ranked)
+            if hi > lo:
+                pairs.add_plans(prompts[b], best, worst)
+    return len(pairs.plan_rows) - before
+
+
 def latency_and_moves(trajectories) -> tuple[dict, dict]:
     per_round: dict[str, dict[str, list[float]]] = {}
     moves, improved = Counter(), Counter()
@@ -162,12 +204,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--best-of", type=int, default=4, help="K candidates per image (0: no best-of rows)")
     p.add_argument("--refine", type=int, nargs="*", default=[2, 4], help="refine@k rows (none: skip the loop)")
+    p.add_argument("--plan-samples", type=int, default=0,
+                   help="mine plan pairs: K plans sampled from the writer per image, ranked by the critic")
+    p.add_argument("--plan-temperature", type=float, default=1.2,
+                   help="sampling temperature of --plan-samples (the toy writer is peaked: at 1.0 its samples rarely differ)")
     p.add_argument("--moves", default=None, help="refine moves, comma-separated (default: all)")
     p.add_argument("--no-clear-found", action="store_true", help="local edits redraw only the intended regions")
     p.add_argument("--no-scene-reseed", action="store_true", help="scene-field findings get edits, not a reseed")
     p.add_argument("--systems", nargs="+", default=["bridge", "native"], choices=["bridge", "native"])
     p.add_argument("--bridge", default=None)
     p.add_argument("--critic", default=None)
+    p.add_argument("--writer", default=None, help="a planner folder that writes the plans (default: the shipped one)")
+    p.add_argument("--unet-dpo", default=None, help="a DPO run's final/ folder: its U-Net LoRA, merged")
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -192,12 +240,15 @@ def main() -> None:
         atomic_write_json(out / f"latency{suffix}.json", latency)
         atomic_write_json(out / f"moves{suffix}.json", moves)
         print(json.dumps({"latency": latency, "moves": moves}, indent=2))
+    if args.plan_samples:
+        print(f"plan pairs: {plan_pairs(pipe, critic, entries, args, pairs)}")
     for name, results in rows.items():
         folder = out / re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("@", "_at_")).strip("_")
         write_report(folder, entries, results, f"ShapesEval {name}", extra={"row": name, **sampling})
         print(f"{name}: {np.mean([r['correct'] for r in results]):.3f} (image accuracy) -> {folder}")
     if pairs.image_rows or pairs.plan_rows:
         what = (["best-of"] if args.best_of else []) + ([f"refine{suffix}"] if args.refine else [])
+        what += ["plan-samples"] if args.plan_samples else []
         pairs.save(out / "pairs" / "_".join(what))
 
 

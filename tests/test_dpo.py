@@ -296,6 +296,8 @@ def test_planner_dpo_trains_a_lora_that_the_planner_loads_and_prefers_the_chosen
 
     assert logprob(tuned, GOOD) - logprob(tuned, BAD) > logprob(base, GOOD) - logprob(base, BAD)
     assert tuned.plan(["a red circle"])[0].plan is not None  # it still plans (constrained)
+    merged = Planner.from_pretrained(tmp_path / "dpo" / "final" / "writer", spec=V.TOY_PLAN_SPEC)  # for --writer
+    torch.testing.assert_close(logprob(merged, GOOD), logprob(tuned, GOOD), atol=1e-4, rtol=1e-4)
 
 
 def test_plan_pairs_with_a_broken_plan_name_the_row(tmp_path):

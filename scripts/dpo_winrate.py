@@ -1,0 +1,96 @@
+"""Per-prompt win rate of a tuned chain against the chain before tuning, judged twice: by the ShapesEval detector
+(each image correct or not, from the runs' ``results.jsonl``) and, separately, by the critic (its score of each saved
+image against the shipped writer's plan of the prompt: the same intended plan for both runs). A prompt is won when
+its mean over samples is higher after tuning, lost when lower; the win rate is wins / (wins + losses), ties counted
+apart. A critic win rate that rises while the detector's does not is reward hacking: the tuned model learned the
+critic, not the task.
+
+Both runs must be `plan2img eval --save-images` folders over the same prompts and seeds:
+
+    python scripts/dpo_winrate.py --before runs/eval14/chain --after runs/eval14/unet_lora --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from planner.critic import PlanReader, critique
+from planner.planner import Planner
+from safeio import atomic_write_json
+from toyworld import vocab as V
+from toyworld.eval.runner import collect_folder
+from toyworld.pretrained import pretrained_path
+
+
+def detector_scores(run: Path) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = defaultdict(list)
+    for line in (run / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["prompt_index"]].append(float(r["correct"]))
+    return out
+
+
+def critic_scores(run: Path, prompts: dict[int, str], intended: dict[str, object], critic, grammar) -> dict:
+    items = collect_folder(run / "images", max(prompts) + 1)
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for _, _, p in items])
+    readings = critic.read(images)
+    out: dict[int, list[float]] = defaultdict(list)
+    for (i, _, _), reading in zip(items, readings):
+        out[i].append(critique(intended[prompts[i]], reading.plan, grammar).score if reading.plan else 0.0)
+    return out
+
+
+def win_rate(before: dict[int, list[float]], after: dict[int, list[float]], tags: dict[int, str]) -> dict:
+    if set(before) != set(after):
+        raise SystemExit("the two runs score different prompts: run both on the same --limit-per-task / seeds")
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # wins, ties, losses
+    for i in before:
+        d = np.mean(after[i]) - np.mean(before[i])
+        col = 0 if d > 1e-9 else 2 if d < -1e-9 else 1
+        rows[tags[i]][col] += 1
+        rows["overall"][col] += 1
+    return {
+        tag: {"wins": w, "ties": t, "losses": lo, "win_rate": w / (w + lo) if w + lo else float("nan")}
+        for tag, (w, t, lo) in rows.items()
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", required=True, help="eval folder of the chain before tuning (with images/)")
+    p.add_argument("--after", required=True, nargs="+", help="eval folders of tuned chains (with images/)")
+    p.add_argument("--critic", default=None, help="critic folder (default: the shipped one)")
+    p.add_argument("--out", required=True, help="JSON file written")
+    args = p.parse_args()
+    before = Path(args.before)
+    rows = [json.loads(x) for x in (before / "results.jsonl").read_text().splitlines()]
+    prompts = {r["prompt_index"]: r["prompt"] for r in rows}
+    tags = {r["prompt_index"]: r["tag"] for r in rows}
+    spec = V.TOY_PLAN_SPEC
+    writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide"))
+    unique = sorted(set(prompts.values()))
+    intended = {q: r.plan for q, r in zip(unique, writer.plan(unique))}
+    critic = PlanReader.from_pretrained(args.critic or pretrained_path("critic"), spec=spec)
+    grammar = spec.object_grammar
+    crit_before = critic_scores(before, prompts, intended, critic, grammar)
+    report = {"before": str(before), "prompts": len(prompts), "runs": {}}
+    print(f"| run | detector win rate (W/T/L) | critic win rate (W/T/L) |\n|---|---|---|")
+    for run in map(Path, args.after):
+        det = win_rate(detector_scores(before), detector_scores(run), tags)
+        cri = win_rate(crit_before, critic_scores(run, prompts, intended, critic, grammar), tags)
+        report["runs"][str(run)] = {"detector": det, "critic": cri}
+        d, c = det["overall"], cri["overall"]
+        print(f"| {run.name} | {d['win_rate']:.2f} ({d['wins']}/{d['ties']}/{d['losses']}) "
+              f"| {c['win_rate']:.2f} ({c['wins']}/{c['ties']}/{c['losses']}) |")  # fmt: skip
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
