@@ -80,7 +80,7 @@ def main() -> None:
     grammar = spec.object_grammar
     crit_before = critic_scores(before, prompts, intended, critic, grammar)
     report = {"before": str(before), "prompts": len(prompts), "runs": {}}
-    print(f"| run | detector win rate (W/T/L) | critic win rate (W/T/L) |\n|---|---|---|")
+    print("| run | detector win rate (W/T/L) | critic win rate (W/T/L) |\n|---|---|---|")
     for run in map(Path, args.after):
         det = win_rate(detector_scores(before), detector_scores(run), tags)
         cri = win_rate(crit_before, critic_scores(run, prompts, intended, critic, grammar), tags)

@@ -57,7 +57,8 @@ def load_models(args):
     if args.writer:  # a planner folder (e.g. planner DPO's final/writer)
         writer = Planner.from_pretrained(args.writer, spec=spec)
     else:
-        writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide"))
+        wide = pretrained_path("planner_wide")
+        writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=wide)
     backbone = load_backbone(pretrained_path("base"))
     if args.unet_dpo:
         load_unet_dpo(backbone.unet, args.unet_dpo)
@@ -138,11 +139,11 @@ def refine_rows(pipe, critic, entries, args, pairs: PairWriter) -> tuple[dict[st
 
 
 def plan_pairs(pipe, critic, entries, args, pairs: PairWriter) -> int:
-    """Plan pairs for planner DPO: ``--plan-samples`` plans sampled from the writer per image (``--plan-temperature``), one
-    image each on the image's seed, each read by the critic against the writer's greedy plan (what the prompt
-    asks for); the plan whose image the critic scores best is chosen, the worst rejected (no pair on a tie). A plan
-    that drops or changes what the greedy plan draws loses; among faithful plans, the one the U-Net renders best
-    wins. Returns the number of pairs."""
+    """Plan pairs for planner DPO: ``--plan-samples`` plans sampled from the writer per image
+    (``--plan-temperature``), one image each on the image's seed, each read by the critic against the writer's
+    greedy plan (what the prompt asks for); the plan whose image the critic scores best is chosen, the worst
+    rejected (no pair on a tie). A plan that drops or changes what the greedy plan draws loses; among faithful plans,
+    the one the U-Net renders best wins. Returns the number of pairs."""
     K, grammar, before = args.plan_samples, pipe.writer.plan_spec.object_grammar, len(pairs.plan_rows)
     gen = torch.Generator().manual_seed(args.seed)
     jobs = [(i, s) for i in range(len(entries)) for s in range(args.n_per_prompt)]
@@ -204,10 +205,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--best-of", type=int, default=4, help="K candidates per image (0: no best-of rows)")
     p.add_argument("--refine", type=int, nargs="*", default=[2, 4], help="refine@k rows (none: skip the loop)")
-    p.add_argument("--plan-samples", type=int, default=0,
-                   help="mine plan pairs: K plans sampled from the writer per image, ranked by the critic")
-    p.add_argument("--plan-temperature", type=float, default=1.2,
-                   help="sampling temperature of --plan-samples (the toy writer is peaked: at 1.0 its samples rarely differ)")
+    p.add_argument(
+        "--plan-samples",
+        type=int,
+        default=0,
+        help="mine plan pairs: K plans sampled from the writer per image, ranked by the critic",
+    )
+    p.add_argument(
+        "--plan-temperature",
+        type=float,
+        default=1.2,
+        help="temperature of --plan-samples (the toy writer is peaked: at 1.0 its samples rarely differ)",
+    )
     p.add_argument("--moves", default=None, help="refine moves, comma-separated (default: all)")
     p.add_argument("--no-clear-found", action="store_true", help="local edits redraw only the intended regions")
     p.add_argument("--no-scene-reseed", action="store_true", help="scene-field findings get edits, not a reseed")
