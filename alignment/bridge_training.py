@@ -34,7 +34,7 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.encoder import PlanEncoder, PlanStates
 from llm_bridge.layout import batch_region_masks
-from safeio import atomic_dir, atomic_write_json
+from safeio import InputError, atomic_dir, atomic_write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -315,7 +315,7 @@ class BridgeTrainer:
                 for k, v in load_file(str(folder / "trainable.safetensors")).items():
                     params[k].copy_(v)
         except (OSError, KeyError, RuntimeError, json.JSONDecodeError) as err:
-            raise ValueError(f"checkpoint {folder} is corrupt or does not match this config: {err}") from None
+            raise InputError(f"checkpoint {folder} is corrupt or does not match this config: {err}") from None
         return int(state["stage_index"]), int(state["step"])
 
     # ---------------------------------------------------------------------------------------- export
@@ -462,7 +462,7 @@ class BridgeTrainer:
             torch.set_rng_state(rng["torch"])
             gen.set_state(rng["gen"])
         except (OSError, KeyError, RuntimeError, ValueError) as err:
-            raise ValueError(f"checkpoint {folder} does not match stage {stage.name}: {err}") from None
+            raise InputError(f"checkpoint {folder} does not match stage {stage.name}: {err}") from None
 
     def _run_stage(self, si: int, stage: StageConfig, start: int, offset: int, stop_at: int | None) -> bool:
         """Run optimizer steps ``start..`` of stage ``si`` through the one loop; ``stage.steps`` counts optimizer
@@ -512,7 +512,7 @@ def load_llm(cfg: BridgeTrainConfig, accelerator: Accelerator):
     kwargs = {"local_files_only": True, "dtype": DTYPES[cfg.llm_dtype]}
     if cfg.llm_load_in_8bit:
         if not torch.cuda.is_available():
-            raise ValueError("llm_load_in_8bit (bitsandbytes 8-bit LLM) needs a CUDA GPU; none is available")
+            raise InputError("llm_load_in_8bit (bitsandbytes 8-bit LLM) needs a CUDA GPU; none is available")
         kwargs.update(
             quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": accelerator.local_process_index}
         )
@@ -526,7 +526,7 @@ def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs CUDA)."""
     if name == "adamw8bit":
         if not torch.cuda.is_available():
-            raise ValueError("optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU; none is available")
+            raise InputError("optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU; none is available")
         return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999))
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 

@@ -38,12 +38,12 @@ from alignment.loop import EpochSampler, fit, warmup_cosine
 from alignment.lora import lora_factors
 from alignment.losses import DPOLoss, diffusion_dpo_loss, diffusion_target
 from alignment.preference import load_preference_pairs
-from alignment.stages import build_config, read_yaml_mapping
+from alignment.stages import build_config, check_positive, read_yaml_mapping
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.sampling import encode_images, unet_forward
 from llm_bridge.bridge import apply_delta
 from llm_bridge.encoder import PlanStates
-from safeio import atomic_dir
+from safeio import InputError, atomic_dir
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention, as diffusers' DPO example
 DPO_ADAPTER = "dpo"
@@ -53,7 +53,7 @@ def add_unet_lora(unet: torch.nn.Module, rank: int = 8, alpha: float | None = No
     """Inject a LoRA adapter named ``dpo`` into the U-Net's attention projections (peft; B initialised to 0) and
     freeze everything else. Returns the trainable LoRA parameters."""
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise InputError(f"LoRA rank must be >= 1, got {rank}")
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(UNET_LORA_TARGETS))
     inject_adapter_in_model(config, unet, adapter_name=DPO_ADAPTER)
@@ -175,11 +175,13 @@ class DPOTrainConfig:
 
     def __post_init__(self) -> None:
         if self.target not in ("unet_lora", "connector", "both"):
-            raise ValueError(f"target must be unet_lora, connector or both, got {self.target!r}")
+            raise InputError(f"target must be unet_lora, connector or both, got {self.target!r}")
         if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+            raise InputError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+            raise InputError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        check_positive("DPO config", beta=self.beta, lr=self.lr, batch_size=self.batch_size,
+                       max_steps=self.max_steps, lora_rank=self.lora_rank, log_every=self.log_every)  # fmt: skip
 
 
 def load_dpo_config(path: str | Path, overrides: dict | None = None) -> DPOTrainConfig:
@@ -301,14 +303,14 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     pairs = load_preference_pairs(cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed)
     train_idx, held_idx = split_pairs(len(pairs), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
-        raise ValueError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "
+        raise InputError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "
                          f"({cfg.batch_size})")  # fmt: skip
     data = PairTensors(*pair_latents(pairs, vae), source(list(pairs["caption"])))
     unet.requires_grad_(False)
     params = add_unet_lora(unet, cfg.lora_rank) if cfg.target in ("unet_lora", "both") else []
     if cfg.target in ("connector", "both"):
         if not data.source.parameters():
-            raise ValueError(f"target {cfg.target!r} trains the connector: it needs a bridge, not native text")
+            raise InputError(f"target {cfg.target!r} trains the connector: it needs a bridge, not native text")
         data.source.bridge.requires_grad_(False)
         params += [p.requires_grad_(True) for p in data.source.parameters()]
     modules = _Trained(unet, getattr(data.source, "bridge", None))
@@ -374,9 +376,9 @@ def load_unet_dpo(unet, folder: str | Path) -> None:
     """Merge a saved DPO LoRA into ``unet`` (a clear error naming the folder when it is missing or corrupt)."""
     path = Path(folder) / DPO_WEIGHTS
     if not path.is_file():
-        raise ValueError(f"DPO folder {folder} has no {DPO_WEIGHTS}")
+        raise InputError(f"DPO folder {folder} has no {DPO_WEIGHTS}")
     try:
         delta = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"DPO weights {path} are unreadable: {err}") from None
+        raise InputError(f"DPO weights {path} are unreadable: {err}") from None
     apply_delta(unet, delta, "U-Net")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from safeio import atomic_dir, atomic_write_json
+from safeio import InputError, atomic_dir, atomic_write_json
 
 
 class JsonlLogger:
@@ -178,7 +178,7 @@ def load_checkpoint(
     folder = Path(folder)
     state_file = folder / "state.json"
     if not state_file.is_file():
-        raise ValueError(f"checkpoint {folder} has no state.json (incomplete or not a checkpoint)")
+        raise InputError(f"checkpoint {folder} has no state.json (incomplete or not a checkpoint)")
     try:
         for name, module in modules.items():
             module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
@@ -194,7 +194,7 @@ def load_checkpoint(
             g.set_state(rng[f"gen_{name}"])
         meta = json.loads(state_file.read_text())
     except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {folder} is corrupt or does not match the run: {err}") from None
+        raise InputError(f"checkpoint {folder} is corrupt or does not match the run: {err}") from None
     return TrainState(step=int(meta["step"]), extra=meta.get("extra") or {})
 
 
@@ -203,7 +203,7 @@ class EpochSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n < batch_size:
-            raise ValueError(f"data set of {n} examples is smaller than one batch ({batch_size})")
+            raise InputError(f"data set of {n} examples is smaller than one batch ({batch_size})")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
@@ -216,10 +216,15 @@ class EpochSampler:
         return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
 
 
+class NonFiniteLossError(InputError, FloatingPointError):
+    """A loss went NaN or inf: the run stops naming the step (and batch rows), keeping its last good checkpoint.
+    Usually the data or the settings (a learning rate too high, fp16 overflow), so the CLI reports it as one line."""
+
+
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
-    """Stop with the step named when a loss is NaN or inf."""
+    """Stop with the step named when a loss is NaN or inf (`NonFiniteLossError`)."""
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"{what} is {loss.item()} at step {step}; stopping (last good checkpoint kept)")
+        raise NonFiniteLossError(f"{what} is {loss.item()} at step {step}; stopping (last good checkpoint kept)")
 
 
 LossFn = Callable[[int], dict[str, torch.Tensor]]  # micro-batch index -> losses (and other scalars to log)
@@ -261,24 +266,25 @@ class TrainLoop:
         (every ``checkpoint_every`` and at ``end``)."""
         acc, ga = self.accelerator, self.grad_accum
         acc.gradient_accumulation_steps = ga
-        bar = tqdm(total=total, initial=start, desc=self.desc, disable=not self.progress)
         t_last = time.perf_counter()
-        for micro in range(start * ga, end * ga):
-            step = micro // ga
-            losses, grad_norm = self._micro_step(loss_fn, micro, step, what)
-            if not acc.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.update()  # once per optimizer step, not per micro-batch
-            bar.update(1)
-            if (step + 1) % self.log_every == 0:
-                now = time.perf_counter()
-                self._log(step + 1, losses, grad_norm, (now - t_last) / self.log_every)
-                t_last = now
-            if (step + 1) % self.checkpoint_every == 0 or step + 1 == end:
-                save(step + 1)
-        bar.close()
+        with tqdm(
+            total=total, initial=start, desc=self.desc, disable=not self.progress
+        ) as bar:  # closed on errors too
+            for micro in range(start * ga, end * ga):
+                step = micro // ga
+                losses, grad_norm = self._micro_step(loss_fn, micro, step, what)
+                if not acc.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self.ema.update()  # once per optimizer step, not per micro-batch
+                bar.update(1)
+                if (step + 1) % self.log_every == 0:
+                    now = time.perf_counter()
+                    self._log(step + 1, losses, grad_norm, (now - t_last) / self.log_every)
+                    t_last = now
+                if (step + 1) % self.checkpoint_every == 0 or step + 1 == end:
+                    save(step + 1)
 
     def _micro_step(self, loss_fn: LossFn, micro: int, step: int, what):
         acc = self.accelerator

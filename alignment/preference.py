@@ -116,8 +116,8 @@ def load_preference_pairs(
     report = {"rows": len(ds), "ties": 0, "not_different": 0, "empty_caption": 0}
     kept = []
     for i, (label, diff, caption) in enumerate(zip(labels, different, ds[caption_column])):
-        if label is None or not 0.0 <= float(label) <= 1.0:
-            raise DataPrepError(f"preference data {path}, row {i}: {label_column} is {label!r}, not in [0, 1]")
+        if label is None or float(label) not in (0.0, 0.5, 1.0):
+            raise DataPrepError(f"preference data {path}, row {i}: {label_column} is {label!r}, not 0, 1 or 0.5")
         if diff is False:
             report["not_different"] += 1
         elif float(label) == 0.5:

@@ -34,12 +34,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from planner.schema import Plan, PlanError, PlanSpec
-from safeio import atomic_dir, atomic_write_bytes
+from safeio import InputError, atomic_dir, atomic_write_bytes
 
 PREPARED_COLUMNS = ("image", "prompt", "plan", "split")
 
 
-class DataPrepError(ValueError):
+class DataPrepError(InputError):
     """Bad input data for `prepare_dataset` / `load_prepared` (names the file, column or row)."""
 
 
@@ -57,6 +57,21 @@ def folder_fingerprint(*paths: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def _check_jsonl(path: Path) -> None:
+    """Each line of a JSON-lines file is UTF-8 and one JSON object; `DataPrepError` names the file and line."""
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataPrepError(f"{path} line {lineno}: not UTF-8 (byte {raw[err.start]:#04x})") from None
+        except json.JSONDecodeError as err:
+            raise DataPrepError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataPrepError(f"{path} line {lineno}: not a JSON object")
+
+
 def read_source(source: str | Path):
     """A `datasets.Dataset` from a saved folder, an image folder with metadata.jsonl, or a Parquet file."""
     source = Path(source)
@@ -68,6 +83,7 @@ def read_source(source: str | Path):
         if source.is_dir() and (source / "dataset_info.json").is_file():
             return datasets.load_from_disk(str(source))
         if source.is_dir() and (source / "metadata.jsonl").is_file():
+            _check_jsonl(source / "metadata.jsonl")
             return datasets.load_dataset("imagefolder", data_dir=str(source), split="train")
     except (OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetGenerationError) as err:
         raise DataPrepError(f"cannot read data source {source}: {err}") from None

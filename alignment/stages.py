@@ -17,8 +17,13 @@ errors that name the offender.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from safeio import InputError
 
 PARAMETER_GROUPS = ("connector", "llm_top", "unet_cross_attn")
 
@@ -59,17 +64,19 @@ class StageConfig:
     def __post_init__(self) -> None:
         unknown = [g for g in self.train if g not in PARAMETER_GROUPS]
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"stage {self.name}: unknown parameter group(s) {unknown}; known: {list(PARAMETER_GROUPS)}"
             )
         if "llm_top" in self.train and self.llm_top_layers < 1:
-            raise ValueError(f"stage {self.name}: llm_top needs llm_top_layers >= 1")
+            raise InputError(f"stage {self.name}: llm_top needs llm_top_layers >= 1")
         if self.unet_cross_attn not in ("full", "lora"):
-            raise ValueError(f"stage {self.name}: unet_cross_attn must be full or lora")
+            raise InputError(f"stage {self.name}: unet_cross_attn must be full or lora")
         if self.clip_align_loss not in ("l2", "cosine", "infonce"):
-            raise ValueError(f"stage {self.name}: clip_align_loss must be l2, cosine or infonce")
+            raise InputError(f"stage {self.name}: clip_align_loss must be l2, cosine or infonce")
         if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"stage {self.name}: cfg_dropout must be in [0, 1)")
+            raise InputError(f"stage {self.name}: cfg_dropout must be in [0, 1)")
+        check_positive(f"stage {self.name}", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                       llm_lr=self.llm_lr, unet_lr=self.unet_lr)  # fmt: skip
 
 
 @dataclass
@@ -108,15 +115,15 @@ class BridgeTrainConfig:
     def __post_init__(self) -> None:
         missing = [s for s in self.curriculum if s not in self.stages]
         if missing:
-            raise ValueError(f"curriculum names undefined stage(s) {missing}; defined: {list(self.stages)}")
+            raise InputError(f"curriculum names undefined stage(s) {missing}; defined: {list(self.stages)}")
         if not self.curriculum:
-            raise ValueError("the curriculum is empty")
+            raise InputError("the curriculum is empty")
         if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
+            raise InputError(f"optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
         if self.llm_load_in_8bit:
             full = [s.name for s in self.stage_list() if "llm_top" in s.train and not s.uses_lora("llm_top")]
             if full:
-                raise ValueError(
+                raise InputError(
                     f"stage(s) {full} train llm_top in full, but an 8-bit LLM (llm_load_in_8bit) trains only "
                     "through LoRA: set llm_lora_rank > 0"
                 )
@@ -128,13 +135,48 @@ class BridgeTrainConfig:
         return sum(s.steps for s in self.stage_list())
 
 
+def _type_ok(value, hint) -> bool:
+    """Does a config value (parsed YAML) fit a dataclass field's type? Unknown kinds of hint pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
 def build_config(cls, data: dict, where: str):
-    """``cls(**data)``, naming the keys ``cls`` does not know."""
+    """``cls(**data)``, naming the keys ``cls`` does not know and the values of the wrong type (a number where a
+    word is due, NaN or inf, a list where a number is due)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise InputError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _type_ok(value, hints[key]):
+            shown = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise InputError(f"{where}: {key} must be {shown}, got {value!r} ({type(value).__name__})")
     return cls(**data)
+
+
+def check_positive(where: str, **values) -> None:
+    """Raise `InputError` naming the first of ``values`` that is not > 0."""
+    for key, value in values.items():
+        if value is not None and not value > 0:
+            raise InputError(f"{where}: {key} must be > 0, got {value}")
 
 
 def config_from_dict(data: dict, where: str = "config") -> BridgeTrainConfig:
@@ -142,7 +184,7 @@ def config_from_dict(data: dict, where: str = "config") -> BridgeTrainConfig:
     data = dict(data)
     stages = data.pop("stages", None) or {"A": {}}
     if not isinstance(stages, dict):
-        raise ValueError(f"{where}: 'stages' must map stage names to settings")
+        raise InputError(f"{where}: 'stages' must map stage names to settings")
     built = {}
     for name, body in stages.items():
         body = dict(body or {})
@@ -163,9 +205,9 @@ def read_yaml_mapping(path: str | Path, overrides: dict | None = None) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
+        raise InputError(f"{path}: the top level must be a mapping")
     data.update(overrides or {})
     return data
 

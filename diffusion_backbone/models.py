@@ -23,11 +23,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from diffusion_backbone.sampling import make_scheduler
 from diffusion_backbone.sdxl import image_size, uses_text_time
+from safeio import InputError, atomic_dir
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
-class BackboneLoadError(ValueError):
+class BackboneLoadError(InputError):
     """A model folder that cannot be loaded (missing, pickled, corrupt); names the path."""
 
 
@@ -148,8 +149,6 @@ def load_backbone(
 
 def save_backbone(backbone: Backbone, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write the backbone as a diffusers-style folder (safetensors), atomically (temp folder + rename)."""
-    from safeio import atomic_dir
-
     with atomic_dir(path) as tmp:
         for name, module in (("unet", backbone.unet), ("vae", backbone.vae)):
             to_save = module if dtype is None else _cast_copy(module, dtype)

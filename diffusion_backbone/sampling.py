@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.injection import has_routing
 from diffusion_backbone.sdxl import added_cond_kwargs
+from safeio import InputError
 
 SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -35,7 +36,7 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 def make_scheduler(name: str, config: dict):
     """A fresh scheduler of kind ``name`` (``ddim``, ``euler-a``, ``dpm++2m``) built from a training config."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known: {list(SAMPLERS)}")
+        raise InputError(f"unknown sampler {name!r}; known: {list(SAMPLERS)}")
     cls, overrides = SAMPLERS[name]
     return cls.from_config(dict(config), **overrides)
 
@@ -147,7 +148,7 @@ def sample(
     latents are reset to the init noised to the next timestep (blended diffusion), so only the rest is redrawn.
     """
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     scheduler.set_timesteps(num_inference_steps, device=unet.device)
     static = isinstance(cond, Conditioning)
     probe = cond if static else cond(scheduler.timesteps[:1].expand(1))
@@ -206,7 +207,7 @@ def _sdedit_start(scheduler, init_latents, noise, strength: float, shape: tuple)
     """diffusers' img2img start: the last ``round(steps * strength)`` timesteps, and ``init_latents`` noised with
     ``noise`` to the first of them. Returns (timesteps, start latents, init, noise)."""
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise InputError(f"strength must be in (0, 1], got {strength}")
     init = _checked_latents(init_latents, shape, "init_latents").to(device=noise.device, dtype=noise.dtype)
     steps = len(scheduler.timesteps) // scheduler.order
     n = min(max(int(steps * strength), 1), steps)

@@ -25,7 +25,7 @@ from diffusion_backbone.injection import (
 from diffusion_backbone.sdxl import text_embeds_dim, uses_text_time
 from llm_bridge.connector import Connector, ConnectorConfig, NullConditioning
 from llm_bridge.encoder import PlanStates
-from safeio import atomic_dir
+from safeio import InputError, atomic_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,7 +33,7 @@ LLM_DELTA_NAME = "llm_delta.safetensors"  # fine-tuned LLM blocks (strategy B), 
 UNET_DELTA_NAME = "unet_delta.safetensors"  # fine-tuned U-Net cross-attention K/V (strategy C)
 
 
-class BridgeLoadError(ValueError):
+class BridgeLoadError(InputError):
     """A bridge folder that is missing, corrupt, or does not fit the U-Net; names the path."""
 
 

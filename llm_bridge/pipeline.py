@@ -41,6 +41,7 @@ from llm_bridge.encoder import PlanEncoder, PlanStates
 from llm_bridge.layout import RegionGrid, batch_region_masks
 from planner.planner import Planner, PlanResult
 from planner.schema import Plan, PlanError
+from safeio import InputError
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Plan2ImgPipeline:
         self.backbone = backbone
         self.encoder = PlanEncoder(planner.model, planner.tokenizer, bridge.config.layers)
         if bridge.config.d_llm != self.encoder.hidden_size:
-            raise ValueError(
+            raise InputError(
                 f"the bridge expects LLM width {bridge.config.d_llm}, the planner LLM has {self.encoder.hidden_size}"
             )
         bridge.attach(backbone.unet)

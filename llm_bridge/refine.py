@@ -38,7 +38,7 @@ from llm_bridge.layout import plan_region_masks
 from llm_bridge.pipeline import Plan2ImgPipeline
 from planner.critic import CriticError, Critique, PlanReader, critique
 from planner.schema import Plan
-from safeio import atomic_write_bytes, atomic_write_json
+from safeio import InputError, atomic_write_bytes, atomic_write_json
 
 MOVES = ("local", "sdedit", "reseed")
 SEED_STRIDE = 100  # candidate j of an image with seed s uses seed s + 100 j (refine and best-of-K alike)
@@ -62,9 +62,9 @@ class RefineConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.moves if m not in MOVES]
         if unknown or not self.moves:
-            raise ValueError(f"unknown or no refine moves {list(self.moves)}; known: {list(MOVES)}")
+            raise InputError(f"unknown or no refine moves {list(self.moves)}; known: {list(MOVES)}")
         if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+            raise InputError(f"rounds must be >= 1, got {self.rounds}")
 
 
 @dataclass
@@ -212,7 +212,7 @@ class Refiner:
         out = []
         for prompt, result in zip(prompts, self.pipe.writer.plan(prompts)):
             if result.plan is None:
-                raise ValueError(f"the planner produced no valid plan for {prompt!r}: {result.error}")
+                raise InputError(f"the planner produced no valid plan for {prompt!r}: {result.error}")
             out.append(result.plan.to_text())
         return out
 

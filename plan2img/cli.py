@@ -4,9 +4,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+
+from safeio import InputError
+
+# ------------------------------------------------------------------------------------------- option types
+MAX_IMAGES = 64  # --n, per command: more is a job for `plan2img eval` or a script
+MAX_STEPS = 1000
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]; anything else is a usage error (exit 2) naming the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(lo: float, hi: float):
+    """An argparse type: a finite number in [lo, hi] (NaN and inf are refused, not sampled with)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{lo:g}, {hi:g}], got {text}")
+        return value
+
+    return parse
+
+
+SEED = _int_in(0, 2**63 - 1)
 
 
 # ------------------------------------------------------------------------------------------- loaders
@@ -27,6 +67,18 @@ def _toy_spec(args):
     from toyworld.vocab import TOY_PLAN_SPEC
 
     return PlanSpec() if getattr(args, "free_plan", False) else TOY_PLAN_SPEC
+
+
+def _check_plan_option(args) -> None:
+    """A ``--plan`` given by the user parses under the plan spec in use, before any model is loaded."""
+    from planner.schema import Plan, PlanError
+
+    if getattr(args, "plan", None) is None:
+        return
+    try:
+        Plan.parse(args.plan, _toy_spec(args))
+    except PlanError as err:
+        raise err.with_context("--plan") from None
 
 
 def _load_planner(args):
@@ -193,17 +245,29 @@ def _critic_generator(args, generate, pipe, pairs):
     return chosen
 
 
-def _save_images(images, out: str) -> None:
+def _plan_body(plan: str) -> str:
+    """A plan without its begin/end markers, for captions."""
+    return plan.replace("<IMG_BEGIN>", "").replace("<IMG_END>", "").strip()
+
+
+def _save_images(images, out: str, scale: int = 1, captions: list[str] | None = None) -> None:
+    """The images side by side, each enlarged ``scale`` times (nearest neighbour); with ``captions``, a captioned
+    sheet instead (`toyworld.data.preview_grid`, up to 4 per row)."""
     import io
 
     import numpy as np
     from PIL import Image
 
     from safeio import atomic_write_bytes
+    from toyworld.data import preview_grid
 
-    grid = images[0] if len(images) == 1 else np.concatenate(list(images), axis=1)  # side by side
+    if captions is not None:
+        sheet = preview_grid(list(images), captions, columns=min(4, len(images)), scale=scale, max_lines=12)
+    else:
+        images = np.asarray(images).repeat(scale, axis=1).repeat(scale, axis=2)
+        sheet = Image.fromarray(images[0] if len(images) == 1 else np.concatenate(list(images), axis=1))
     buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
+    sheet.save(buf, format="PNG")
     atomic_write_bytes(out, buf.getvalue())
 
 
@@ -300,6 +364,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from toyworld.grammar import check_prompt
 
     prompt = check_prompt(args.prompt)
+    _check_plan_option(args)
     seeds = [args.seed + k for k in range(args.n)]
     kwargs = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, progress=True)
     if args.native:
@@ -314,7 +379,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"plan: {out.plan_texts[0]}")
             if out.read[0] != prompt:
                 print(f"reads: {out.read[0]}")
-    _save_images(out.images, args.output)
+    captions = None
+    if args.grid:
+        plans = getattr(out, "plan_texts", None) or [None] * args.n
+        captions = [f"seed {s}: {prompt}" + (f" | plan: {_plan_body(p)}" if p else "") for s, p in zip(seeds, plans)]
+    _save_images(out.images, args.output, args.scale or (4 if args.grid else 1), captions)
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items())
     print(f"wrote {args.output} ({args.n} image(s); {timings}; {time.perf_counter() - t0:.2f}s since start)")
     return 0
@@ -376,9 +445,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             )
         if args.best_of or args.refine:
             if args.best_of and args.refine:
-                raise ValueError("choose one of --best-of K and --refine K")
+                raise InputError("choose one of --best-of K and --refine K")
             if args.refine and args.generate != "bridge":
-                raise ValueError("--refine runs the bridge's refine loop: use it with --generate bridge")
+                raise InputError("--refine runs the bridge's refine loop: use it with --generate bridge")
             from alignment.preference import PairWriter
 
             pairs = PairWriter()
@@ -418,6 +487,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     from toyworld.grammar import check_prompt
 
     prompt = check_prompt(args.prompt)
+    _check_plan_option(args)
     refiner = Refiner(_load_bridge_pipeline(args), _load_critic(args), _refine_config(args, args.rounds))
     traj = refiner(prompt, args.seed, args.plan)
     print(f"plan: {traj.plan}")
@@ -443,7 +513,7 @@ def _set_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
     return overrides
@@ -486,7 +556,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
         pipe = _load_bridge_pipeline(ns)
         backbone = pipe.backbone
         if pipe.bridge.connector.timestep_aware:
-            raise ValueError(f"bridge {cfg.bridge} is timestep-aware: DPO on it is not supported yet")
+            raise InputError(f"bridge {cfg.bridge} is timestep-aware: DPO on it is not supported yet")
 
         def plans_for(captions):
             return [r.plan.to_text() for r in pipe.writer.plan(captions)]
@@ -504,14 +574,16 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- parser
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "euler-a", "dpm++2m"], default="ddim")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=25)
+    p.add_argument("--guidance", type=_float_in(0.0, 100.0), default=5.0, help="classifier-free guidance scale")
 
 
 def _add_spatial_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("spatial injection (default: as the bridge was trained)")
     g.add_argument("--spatial", choices=["on", "off"], default=None, help="confine object tokens to plan regions")
-    g.add_argument("--region-strength", type=float, default=None, help="1: no attention outside a region; 0: none")
+    g.add_argument(
+        "--region-strength", type=_float_in(0.0, 1.0), default=None, help="1: no attention outside a region; 0: none"
+    )
     g.add_argument(
         "--region-levels",
         type=int,
@@ -520,7 +592,7 @@ def _add_spatial_args(p: argparse.ArgumentParser) -> None:
         help="U-Net maps with regions, as latent side / 2**level (default: every cross-attention layer)",
     )
     g.add_argument("--object-tokens", choices=["span", "shared"], default=None, help="what object groups read")
-    g.add_argument("--object-queries", type=int, default=None, help="resampler queries per object group")
+    g.add_argument("--object-queries", type=_int_in(1, 64), default=None, help="resampler queries per object group")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -562,19 +634,22 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser("build", help="render a data set to disk (Hugging Face datasets format)")
     build.add_argument("--out", required=True, help="output folder")
-    build.add_argument("--n", type=int, default=50_000, help="number of examples")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    build.add_argument("--n", type=_int_in(1, 10_000_000), default=50_000, help="number of examples")
+    build.add_argument("--seed", type=SEED, default=0)
+    build.add_argument("--workers", type=_int_in(1, 1024), default=None, help="processes (default: CPU count)")
     build.add_argument(
-        "--heldout-fraction", type=float, default=0.1, help="share of rows worded by held-out template families"
+        "--heldout-fraction",
+        type=_float_in(0.0, 1.0),
+        default=0.1,
+        help="share of rows worded by held-out template families",
     )
     build.set_defaults(func=_cmd_data_build)
     prev = data_sub.add_parser("preview", help="write a captioned grid of examples")
     prev.add_argument("--out", required=True, help="output PNG")
     prev.add_argument("--data", default=None, help="data set folder (default: sample fresh examples)")
-    prev.add_argument("--n", type=int, default=16)
-    prev.add_argument("--seed", type=int, default=0)
-    prev.add_argument("--columns", type=int, default=4)
+    prev.add_argument("--n", type=_int_in(1, 1024), default=16)
+    prev.add_argument("--seed", type=SEED, default=0)
+    prev.add_argument("--columns", type=_int_in(1, 64), default=4)
     prev.set_defaults(func=_cmd_data_preview)
     prep = data_sub.add_parser(
         "prepare", help="your own images and captions -> the prepared training format (plans written if absent)"
@@ -584,11 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--image-column", default="image")
     prep.add_argument("--caption-column", default="text")
     prep.add_argument("--plan-column", default=None, help="plans given in the data (default: the planner writes them)")
-    prep.add_argument("--resolution", type=int, default=64, help="square side in pixels")
+    prep.add_argument("--resolution", type=_int_in(8, 4096), default=64, help="square side in pixels")
     prep.add_argument("--center-crop", action="store_true", help="centre crop (default: a seeded random crop)")
-    prep.add_argument("--heldout-fraction", type=float, default=0.0, help="share of rows marked split=heldout")
-    prep.add_argument("--batch-size", type=int, default=64, help="captions per planning batch")
-    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument(
+        "--heldout-fraction", type=_float_in(0.0, 1.0), default=0.0, help="share of rows marked split=heldout"
+    )
+    prep.add_argument("--batch-size", type=_int_in(1, 4096), default=64, help="captions per planning batch")
+    prep.add_argument("--seed", type=SEED, default=0)
     _add_model_args(prep)
     prep.set_defaults(func=_cmd_data_prepare)
 
@@ -600,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="heldout",
         help="template families the prompts are worded with",
     )
-    meta.add_argument("--seed", type=int, default=0)
+    meta.add_argument("--seed", type=SEED, default=0)
     meta.set_defaults(func=_cmd_metadata)
 
     plan = sub.add_parser("plan", help="prompt -> image plan (the planner LLM)")
@@ -608,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object per prompt")
     plan.add_argument("--unconstrained", action="store_true", help="no constrained decoding (output is repaired)")
     plan.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--seed", type=SEED, default=0)
     _add_model_args(plan)
     plan.set_defaults(func=_cmd_plan)
 
@@ -618,8 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--native", action="store_true", help="native baseline: CLIP text -> frozen U-Net")
     gen.add_argument("--plan", default=None, help="use this plan text instead of planning")
     gen.add_argument("--no-planner", action="store_true", help="condition on the LLM's states of the raw prompt")
-    gen.add_argument("--n", type=int, default=1, help="images (seeds seed .. seed + n - 1)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--scale", type=_int_in(1, 16), default=None,
+                     help="enlarge each image N times (nearest neighbour; default 1, 4 with --grid)")  # fmt: skip
+    gen.add_argument("--grid", action="store_true", help="a captioned sheet: prompt, plan and seed under each image")
+    gen.add_argument("--n", type=_int_in(1, MAX_IMAGES), default=1, help="images (seeds seed .. seed + n - 1)")
+    gen.add_argument("--seed", type=SEED, default=0)
     _add_sampling_args(gen)
     _add_model_args(gen)
     _add_spatial_args(gen)
@@ -654,15 +734,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="planner",
         help="bridge: plans from the planner, the metadata's canonical plan, or none (raw prompt)",
     )
-    ev.add_argument("--n-per-prompt", type=int, default=4, help="images per prompt when generating")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--limit-per-task", type=int, default=None, help="use only the first N prompts of each task")
+    ev.add_argument("--n-per-prompt", type=_int_in(1, MAX_IMAGES), default=4, help="images per prompt when generating")
+    ev.add_argument("--seed", type=SEED, default=0)
+    ev.add_argument(
+        "--limit-per-task", type=_int_in(1), default=None, help="use only the first N prompts of each task"
+    )
     ev.add_argument("--save-images", action="store_true", help="also write generated images to OUT/images")
-    ev.add_argument("--batch-size", type=int, default=32, help="images per generation batch")
+    ev.add_argument("--batch-size", type=_int_in(1, 4096), default=32, help="images per generation batch")
     ev.add_argument("--out", required=True, help="output folder for results.jsonl and summary.json")
     g = ev.add_argument_group("looking at the images (the critic; at most K diffusion calls per image)")
-    g.add_argument("--best-of", type=int, default=None, metavar="K", help="K seeds per image, the best one kept")
-    g.add_argument("--refine", type=int, default=None, metavar="K", help="the refine loop with K diffusion calls")
+    g.add_argument(
+        "--best-of", type=_int_in(1, 9), default=None, metavar="K", help="K seeds per image, the best one kept"
+    )
+    g.add_argument(
+        "--refine", type=_int_in(1, 16), default=None, metavar="K", help="the refine loop with K diffusion calls"
+    )
     g.add_argument("--pick", choices=["critic", "oracle"], default="critic",
                    help="who picks the best of K (oracle: the ShapesEval detector, an upper bound only)")  # fmt: skip
     g.add_argument("--moves", default=None, help="refine moves, comma-separated (default: local,sdedit,reseed)")
@@ -676,11 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("refine", help="prompt -> plan -> image -> critique -> edit ..., the best image kept")
     ref.add_argument("prompt")
     ref.add_argument("-o", "--output", default="strip.png", help="the strip PNG (and .json beside it)")
-    ref.add_argument("--rounds", type=int, default=4, help="at most this many rounds (and diffusion calls)")
+    ref.add_argument("--rounds", type=_int_in(1, 16), default=4, help="at most this many rounds (and diffusion calls)")
     ref.add_argument("--moves", default=None, help="allowed moves, comma-separated (default: local,sdedit,reseed)")
     ref.add_argument("--plan", default=None, help="use this plan text instead of planning")
-    ref.add_argument("--seed", type=int, default=0)
-    ref.add_argument("--scale", type=int, default=4, help="upscaling of the images in the strip")
+    ref.add_argument("--seed", type=SEED, default=0)
+    ref.add_argument("--scale", type=_int_in(1, 16), default=4, help="upscaling of the images in the strip")
     ref.add_argument("--critic", default=None, help="critic folder (default: the shipped toy critic)")
     ref.add_argument("--pairs-out", default=None, help="write the critic-ranked preference pair here")
     _add_sampling_args(ref)
@@ -704,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except InputError as err:  # bad input: one line naming it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path that cannot be read or written: missing, a folder, no permission, a full disk
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # anything else is a bug: Python prints its traceback and exits 1

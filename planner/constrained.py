@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from planner.schema import FIELD_TAGS, FIELDS, IMG_BEGIN, IMG_END, ObjectGrammar, PlanSpec
+from planner.schema import FIELD_TAGS, FIELDS, IMG_BEGIN, IMG_END, ObjectGrammar, PlanError, PlanSpec
 
 _WS = re.compile(r"\s+")
 
@@ -230,6 +230,40 @@ def field_grammars(spec: PlanSpec) -> dict[str, FreeText | Choice | ObjectSenten
         else:
             out[name] = FreeText()
     return out
+
+
+def unspellable(tokenizer, spec: PlanSpec, limit: int = 3) -> list[tuple[str, str]]:
+    """Fixed plan words the tokenizer cannot spell: ``(text, what it decodes to)`` for each choice text and object
+    word of ``spec`` whose encode-decode round trip changes it (a word-level tokenizer maps unknown words to
+    ``<unk>``). Constrained decoding can only write what the tokenizer spells. At most ``limit`` are returned."""
+    texts: list[str] = []
+    for name in FIELDS:
+        if spec.vocab is not None and name in spec.vocab:
+            texts += sorted(spec.vocab[name])
+    g = spec.object_grammar
+    if g is not None:
+        texts += sorted(g.names | g.colors | g.sizes | g.materials | g.positions)
+    bad = []
+    for text in texts:
+        ids = tokenizer.encode(" " + text, add_special_tokens=False)
+        back = tokenizer.decode(ids, skip_special_tokens=False).strip()
+        if back != text:
+            bad.append((text, back))
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+def check_spelling(tokenizer, spec: PlanSpec) -> None:
+    """Raise `PlanError` when the tokenizer cannot spell the plan vocabulary of ``spec`` (see `unspellable`)."""
+    bad = unspellable(tokenizer, spec)
+    if bad:
+        shown = "; ".join(f"{t!r} comes back as {b!r}" for t, b in bad)
+        raise PlanError(
+            f"this LLM's tokenizer ({type(tokenizer).__name__}) cannot spell the plan vocabulary ({shown}), so "
+            "constrained decoding cannot write the plan: use --free-plan (free-text fields) or an LLM whose "
+            "tokenizer spells any text (byte-level BPE or SentencePiece)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- the processor

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from planner.constrained import PlanConstraint, token_text_table
+from planner.constrained import PlanConstraint, check_spelling, token_text_table
 from planner.schema import FIELDS, IMG_BEGIN, IMG_END, Plan, PlanError, PlanSpec, repair_plan
 from planner.tokens import add_planning_tokens, format_prompt, resize_with_mean_init
+from safeio import InputError, atomic_dir
 
 MAX_PROMPT_CHARS = 4000  # longer prompts are an error: a plan request is a sentence, not a document
 MAX_PROMPT_TOKENS = 256  # prompts are truncated to this many tokens (documented; reported in warnings)
 
 
-class PlannerLoadError(ValueError):
+class PlannerLoadError(InputError):
     """A planner folder that cannot be loaded; names the path."""
 
 
@@ -46,20 +47,20 @@ class PlanResult:
 
 
 def check_prompts(prompts: list[str] | str) -> list[str]:
-    """Normalise prompts; `ValueError` naming the prompt for empty, non-string or over-long ones."""
+    """Normalise prompts; `InputError` naming the prompt for empty, non-string or over-long ones."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("no prompts given")
+        raise InputError("no prompts given")
     out = []
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise ValueError(f"prompt #{i} is a {type(p).__name__}, not a str")
+            raise InputError(f"prompt #{i} is a {type(p).__name__}, not a str")
         text = " ".join(p.split())
         if not text:
-            raise ValueError(f"prompt #{i} is empty or whitespace only")
+            raise InputError(f"prompt #{i} is empty or whitespace only")
         if len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt #{i} has {len(text)} characters (max {MAX_PROMPT_CHARS}); shorten it")
+            raise InputError(f"prompt #{i} has {len(text)} characters (max {MAX_PROMPT_CHARS}); shorten it")
         out.append(text)
     return out
 
@@ -78,6 +79,7 @@ class Planner:
         self.plan_spec = spec or PlanSpec()  # limits in words: what a plan given by a user must satisfy
         self.spec = dataclasses.replace(self.plan_spec, count_tokens=self.count_tokens)  # in LLM tokens: decoding
         self._token_texts: list[str] | None = None
+        self._spelling_checked = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -135,8 +137,6 @@ class Planner:
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Save model (safetensors) and tokenizer atomically."""
-        from safeio import atomic_dir
-
         with atomic_dir(path) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp))
@@ -214,6 +214,9 @@ class Planner:
         processors = []
         constraint = None
         if constrained:
+            if not self._spelling_checked:
+                check_spelling(self.tokenizer, self.spec)
+                self._spelling_checked = True
             constraint = PlanConstraint(self.tokenizer, self.spec, length, max_new, self.token_texts())
             processors.append(constraint)
         from transformers import LogitsProcessorList

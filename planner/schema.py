@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from safeio import InputError
+
 IMG_BEGIN = "<IMG_BEGIN>"
 IMG_END = "<IMG_END>"
 FIELDS: tuple[str, ...] = ("STYLE", "LAYOUT", "OBJECT", "COLOR", "MATERIAL", "LIGHTING", "CAMERA")
@@ -34,7 +36,7 @@ _TAG_RE = re.compile(r"(<[A-Z][A-Z_]*>)")
 _WS_RE = re.compile(r"\s+")
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A plan that cannot be parsed or does not validate.
 
     ``field`` is the plan field at fault (``None`` when the fault is the plan as a whole) and

@@ -16,6 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+class InputError(ValueError):
+    """Bad input a user can fix (a prompt, a plan, a path, a config, a checkpoint): the CLI prints its one-line
+    message and exits 2. Anything else raised is a bug and shows its traceback. Every package's own input-error
+    class derives from this one (a `ValueError`, so ``except ValueError`` still catches it)."""
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -37,6 +43,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a normal file's mode, as open() would give
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota: name the file (the error names only the temporary one, if any)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

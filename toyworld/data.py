@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from safeio import atomic_dir, atomic_write_bytes
+from safeio import InputError, atomic_dir, atomic_write_bytes
 from toyworld.augment import DEFAULT_AUGMENT, AugmentConfig, augment_prompt
 from toyworld.grammar import families, render_prompt
 from toyworld.render import render
@@ -108,9 +108,9 @@ def build_dataset(
     import datasets
 
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise InputError(f"n must be >= 1, got {n}")
     if not 0.0 <= heldout_fraction <= 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+        raise InputError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
     workers = workers or min(mp.cpu_count(), 8)
     chunk = 500
     jobs = [(seed, s, min(n, s + chunk), heldout_fraction) for s in range(0, n, chunk)]
@@ -152,10 +152,10 @@ def load_dataset_dir(path: str | Path):
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{path} is not a data set saved by `plan2img data build`: {err}") from None
+        raise InputError(f"{path} is not a data set saved by `plan2img data build`: {err}") from None
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
-        raise ValueError(f"data set {path} lacks columns {missing}")
+        raise InputError(f"data set {path} lacks columns {missing}")
     return ds
 
 
@@ -187,14 +187,17 @@ def wide_rows(n: int, seed: int = 1, augment: bool = True) -> list[tuple[str, st
     return [(r["prompt"], r["plan"]) for r in rows]
 
 
-def preview_grid(images: list[np.ndarray], captions: list[str], columns: int = 4, scale: int = 3) -> Image.Image:
-    """A captioned grid: each image enlarged ``scale`` times with its caption wrapped underneath."""
+def preview_grid(
+    images: list[np.ndarray], captions: list[str], columns: int = 4, scale: int = 3, max_lines: int = 6
+) -> Image.Image:
+    """A captioned grid: each image enlarged ``scale`` times with its caption wrapped underneath (at most
+    ``max_lines`` lines)."""
     if len(images) != len(captions) or not images:
         raise ValueError("preview_grid needs as many captions as images (and at least one)")
     cell = images[0].shape[0] * scale
     font = ImageFont.load_default()
     wrap = max(10, cell // 6)
-    lines = [textwrap.wrap(c, wrap)[:6] for c in captions]
+    lines = [textwrap.wrap(c, wrap)[:max_lines] for c in captions]
     text_h = 12 * max(len(x) for x in lines) + 6
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * (cell + 8) + 8, rows * (cell + text_h + 8) + 8), "white")

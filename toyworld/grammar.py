@@ -31,11 +31,13 @@ Casing, typos, politeness and chatter are `toyworld.augment`, applied to trainin
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 
 from planner.schema import Plan
+from safeio import InputError
 from toyworld import vocab as V
 from toyworld.scene import SceneSpec, SpecDraw
 
@@ -369,7 +371,7 @@ def families(
     grammar, so everything drawn from it (data sets, ShapesEval metadata) is unchanged.
     """
     if split not in (None, "train", "heldout"):
-        raise ValueError(f"split must be 'train', 'heldout' or None, got {split!r}")
+        raise InputError(f"split must be 'train', 'heldout' or None, got {split!r}")
     return [
         f
         for f in FAMILIES + (WIDE_FAMILIES if wide else ())
@@ -493,14 +495,18 @@ def render_prompt(
 
 
 def check_prompt(prompt: str, max_chars: int = 2000) -> str:
-    """Normalise a user prompt (strip, collapse whitespace) or raise `ValueError` naming the problem."""
+    """Normalise a user prompt (strip, collapse whitespace) or raise `InputError` naming the problem (empty, too
+    long, a control character or an unpaired surrogate, as undecodable bytes give)."""
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
     text = " ".join(prompt.split())
     if not text:
-        raise ValueError("prompt is empty or whitespace only")
+        raise InputError("prompt is empty or whitespace only")
+    control = next((i for i, ch in enumerate(text) if unicodedata.category(ch) in ("Cc", "Cs")), None)
+    if control is not None:
+        raise InputError(f"prompt has a control character (U+{ord(text[control]):04X}) at position {control}")
     if len(text) > max_chars:
-        raise ValueError(f"prompt has {len(text)} characters (max {max_chars})")
+        raise InputError(f"prompt has {len(text)} characters (max {max_chars})")
     return text
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from planner.schema import Plan, PlanError, PlanObject
-from safeio import atomic_write_text
+from safeio import InputError, atomic_write_text
 from toyworld import vocab as V
 from toyworld.grammar import families, render_prompt
 from toyworld.scene import RELATIONS, SceneSpec, SpecDraw, default_slots
@@ -29,7 +29,7 @@ DEFAULT_PER_TASK = {**{t: 100 for t in GENEVAL_TASKS}, **{t: 50 for t in FIELD_T
 POSITION_RELATIONS = tuple(RELATIONS)
 
 
-class MetadataError(ValueError):
+class MetadataError(InputError):
     """A malformed metadata file or line; the message names the file and line."""
 
 
@@ -204,16 +204,20 @@ def read_metadata(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise MetadataError(f"metadata file {path} does not exist")
     entries = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MetadataError(f"{where}: not valid JSON ({err.msg})") from None
-            entries.append(validate_entry(entry, where))
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad = f"byte {raw[err.start]:#04x} at column {err.start}"
+            raise MetadataError(f"{path} line {lineno}: not UTF-8 ({bad})") from None
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MetadataError(f"{where}: not valid JSON ({err.msg})") from None
+        entries.append(validate_entry(entry, where))
     if not entries:
         raise MetadataError(f"metadata file {path} has no entries")
     return entries

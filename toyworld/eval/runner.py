@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from safeio import atomic_dir, atomic_write_json, atomic_write_text
+from safeio import InputError, atomic_dir, atomic_write_json, atomic_write_text
 from toyworld import vocab as V
 from toyworld.eval.detector import detect
 from toyworld.eval.metadata import ground_truth_spec
@@ -35,7 +35,7 @@ ImageTransform = Callable[[np.ndarray], np.ndarray]
 ImageGenerator = Callable[[list[str], list[dict], list[int]], np.ndarray]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """Bad evaluation input (missing folder, unreadable or wrong-size image); names the file."""
 
 
