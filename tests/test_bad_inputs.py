@@ -462,7 +462,7 @@ CASES = [
     Case(
         "train-nan-loss",
         ["train", "--config", "{tmp}/cfg.yaml"],
-        ("loss is nan", "step"),
+        ("is nan at step 0", "batch rows"),
         setup=nan_loss,
         absent=("out/final",),
     ),  # fmt: skip
