@@ -34,7 +34,7 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.encoder import PlanEncoder, PlanStates
 from llm_bridge.layout import batch_region_masks
-from safeio import InputError, atomic_dir, atomic_write_json
+from safeio import InputError, atomic_dir, atomic_write_json, recover_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -305,7 +305,7 @@ class BridgeTrainer:
             (tmp / "state.json").write_text(json.dumps({"stage_index": stage_index, "step": step}))
 
     def load_state(self) -> tuple[int, int]:
-        folder = self.out / "checkpoint"
+        folder = recover_dir(self.out / "checkpoint")
         if not (folder / "state.json").is_file():
             return 0, 0
         try:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from safeio import InputError, atomic_dir, atomic_write_json
+from safeio import InputError, atomic_dir, atomic_write_json, recover_dir
 
 
 class JsonlLogger:
@@ -175,7 +175,7 @@ def load_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
 ) -> TrainState:
     """Restore everything `save_checkpoint` wrote; raises `ValueError` naming a missing or corrupt file."""
-    folder = Path(folder)
+    folder = recover_dir(folder)
     state_file = folder / "state.json"
     if not state_file.is_file():
         raise InputError(f"checkpoint {folder} has no state.json (incomplete or not a checkpoint)")

@@ -72,13 +72,26 @@ def _normal_modes(root: Path) -> None:
             os.chmod(os.path.join(dirpath, name), 0o666 & ~_UMASK)
 
 
+def recover_dir(path: str | os.PathLike) -> Path:
+    """Finish a folder replacement a crash interrupted: `atomic_dir` moves the old folder aside, then renames the new
+    one into place; killed between the two renames, ``path`` is missing and ``.<name>.old-<pid>`` holds the last
+    complete version, which is moved back. Called before reading a folder that is rewritten in place (checkpoints)
+    and by `atomic_dir` itself."""
+    path = Path(path)
+    if not path.exists():
+        olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Build a folder in a temporary sibling; on success it replaces ``path``, on error it is removed.
 
     With ``overwrite=False`` an existing non-empty ``path`` is an error (raised before anything is built).
     """
-    path = Path(path)
+    path = recover_dir(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
     if not overwrite and path.exists() and any(path.iterdir()):

@@ -215,7 +215,8 @@ def out_is_a_folder(tmp: Path, mp) -> None:
 
 def nan_loss(tmp: Path, mp) -> None:
     """A real (tiny) training run whose diffusion loss turns NaN at its first step."""
-    from tests.tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_bridge_config
+    from tiny_models import save_tiny_planner, save_tiny_toy_base, tiny_bridge_config
+
     from toyworld.data import build_dataset, load_dataset_dir
 
     build_dataset(tmp / "data", n=16, seed=0, workers=1, progress=False)

@@ -2,6 +2,12 @@
 training in every stage with tiny Llama/Qwen2, and bad input."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +145,50 @@ def test_resume_gives_the_same_loss_sequence(world, tmp_path):
     BridgeTrainer(_cfg(world, tmp_path / "b", stages=stages), progress=False).run()
     a, b = _losses(tmp_path / "a" / "run" / "log.jsonl"), _losses(tmp_path / "b" / "run" / "log.jsonl")
     assert len(a) == 6 and a == b
+
+
+def test_killed_during_a_checkpoint_write_the_last_good_one_loads_and_resume_continues_the_same_losses(
+    world, tmp_path
+):
+    """SIGKILL a training process while it writes its step-4 checkpoint: the step-2 checkpoint is intact, and a
+    resume reproduces an uninterrupted run's losses step for step (those the killed run logged included)."""
+    stages = {"A": {"train": ["connector"], "steps": 6, "batch_size": 4, "clip_align_weight": 0.1}}
+    BridgeTrainer(_cfg(world, tmp_path / "a", stages=stages), progress=False).run()
+    cfg = tiny_bridge_config(world["data"], world["base"], world["planners"]["llama"], tmp_path / "b" / "run", stages,
+                             checkpoint_every=2)  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "half-written"
+    helper = Path(__file__).with_name("kill_during_save.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)]),
+    }
+    proc = subprocess.Popen([sys.executable, str(helper), str(tmp_path / "cfg.json"), str(marker), "4"], env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for _ in range(1200):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert marker.exists(), f"the helper never reached the step-4 checkpoint: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    checkpoint = tmp_path / "b" / "run" / "checkpoint"
+    assert json.loads((checkpoint / "state.json").read_text()) == {"stage_index": 0, "step": 2}
+    killed = {
+        r["step"]: r["total"] for r in map(json.loads, (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines())
+    }
+    assert sorted(killed) == [1, 2, 3, 4]  # it trained to step 4 and died writing that checkpoint
+    trainer = BridgeTrainer(config_from_dict(cfg), progress=False)
+    assert trainer.load_state() == (0, 2)  # the last good checkpoint loads
+    trainer.run()
+    a = _losses(tmp_path / "a" / "run" / "log.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    resumed = {r["step"]: r["total"] for r in rows}
+    assert [resumed[s] for s in range(1, 7)] == a
+    assert all(killed[s] == resumed[s] for s in killed)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
