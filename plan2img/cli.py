@@ -506,6 +506,23 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from plan2img.webui import App, Limits, Models, serve
+    except ImportError as err:
+        raise InputError(f"plan2img serve needs Gradio ({err}): pip install 'plan2img[serve]'") from None
+    from diffusion_backbone.pipeline import TextToImagePipeline
+
+    def native(a):
+        return TextToImagePipeline(_load_base(a.model))
+
+    models = Models(args, _load_bridge_pipeline, native, _load_critic)
+    limits = Limits(images=args.max_images, steps=args.max_steps)
+    print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)")
+    serve(App(models, limits), host=args.host, port=args.port)
+    return 0
+
+
 def _set_overrides(items: list[str]) -> dict:
     """``--set KEY=VALUE ...`` as a dict (values read as YAML)."""
     import yaml
@@ -774,6 +791,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spatial_args(ref)
     ref.set_defaults(func=_cmd_refine)
 
+    srv = sub.add_parser("serve", help="a web UI (Gradio) on the loaded models: prompt, plan, images, refine")
+    _add_model_args(srv)
+    _add_spatial_args(srv)
+    srv.add_argument("--critic", default=None, help="critic folder for refine (default: the shipped toy critic)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    srv.add_argument("--port", type=_int_in(1, 65535), default=7860)
+    srv.add_argument("--max-images", type=_int_in(1, 64), default=8, help="images per request, at most")
+    srv.add_argument("--max-steps", type=_int_in(1, MAX_STEPS), default=100, help="sampling steps, at most")
+    srv.set_defaults(func=_cmd_serve)
     train = sub.add_parser("train", help="train the LLM bridge with a staged curriculum (YAML config)")
     train.add_argument("--config", required=True, help="e.g. configs/toy_A.yaml")
     train.add_argument("--set", nargs="*", default=[], help="top-level overrides KEY=VALUE (YAML values)")
