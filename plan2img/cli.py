@@ -519,7 +519,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     models = Models(args, _load_bridge_pipeline, native, _load_critic)
     limits = Limits(images=args.max_images, steps=args.max_steps)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)")
-    serve(App(models, limits), host=args.host, port=args.port)
+    serve(App(models, limits), host=args.host, port=args.port, example=args.example)
     return 0
 
 
@@ -799,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=_int_in(1, 65535), default=7860)
     srv.add_argument("--max-images", type=_int_in(1, 64), default=8, help="images per request, at most")
     srv.add_argument("--max-steps", type=_int_in(1, MAX_STEPS), default=100, help="sampling steps, at most")
+    srv.add_argument("--example", action="store_true", help="start with the sample prompt generated and refined")
     srv.set_defaults(func=_cmd_serve)
     train = sub.add_parser("train", help="train the LLM bridge with a staged curriculum (YAML config)")
     train.add_argument("--config", required=True, help="e.g. configs/toy_A.yaml")

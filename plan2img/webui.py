@@ -32,6 +32,8 @@ MAX_STEPS = 100
 MAX_ROUNDS = 8
 SAMPLERS = ["dpm++2m", "ddim", "euler-a"]
 SHOW_SCALE = 4  # 64 px images are shown 256 px
+EXAMPLE = {"prompt": "two blue squares and a red star", "seed": 0, "n": 2, "sampler": "dpm++2m", "steps": 25,
+           "guidance": 7.5, "rounds": 4}  # fmt: skip
 
 
 @dataclass
@@ -112,6 +114,17 @@ class App:
             raise gr.Error(f"Sampler must be one of {SAMPLERS}, got {sampler!r}")
         return n, steps, float(guidance)
 
+    def example(self) -> dict:
+        """Every output of the sample request (`EXAMPLE`), computed once: the page starts filled in."""
+        e = EXAMPLE
+        sampling = (e["seed"], e["n"], e["sampler"], e["steps"], e["guidance"])
+        bridge, plan, png, js = list(self.generate(e["prompt"], "", *sampling))[-1]
+        native = list(self.generate_native(e["prompt"], *sampling))[-1]
+        strip, critique, strip_png, strip_json = self.refine(e["prompt"], plan, e["seed"], e["rounds"], e["sampler"],
+                                                             e["steps"], e["guidance"])  # fmt: skip
+        return {"plan": plan, "bridge": bridge, "native": native, "png": png, "json": js, "strip": strip,
+                "critique": critique, "strip_png": strip_png, "strip_json": strip_json}  # fmt: skip
+
     # ----------------------------------------------------------------------------------------- actions
     def write_plan(self, prompt: str) -> str:
         """The writer's plan for the prompt (shown in the editable plan box)."""
@@ -173,24 +186,30 @@ class App:
         return str(png), str(js)
 
 
-def build_ui(app: App) -> gr.Blocks:
-    """The page: controls on the left, bridge and native galleries side by side, the refine strip below."""
+def build_ui(app: App, example: bool = False) -> gr.Blocks:
+    """The page: controls on the left, bridge and native galleries side by side, the refine strip below. With
+    ``example``, the sample prompt's results are computed first and the page starts with them (a demo, a
+    screenshot)."""
     lim = app.limits
+    ex = app.example() if example else {}
     with gr.Blocks(title="plan2img") as demo:
         gr.Markdown(
             "# plan2img\nA language model writes an image **plan**; the plan's hidden states condition a diffusion "
             "U-Net. Write a prompt, look at (and edit) the plan, then generate. The native base, which reads only "
-            "your prompt, runs on the same seeds for comparison."
+            "your prompt, runs on the same seeds for comparison.\n\nThe toy planner knows the toy world's wordings "
+            "(one or two kinds of shape, counts, left/right/above/below, style, lighting, camera); an unusual wording "
+            "can lose an object. Check the plan, edit it, and generate again."
         )
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", value="two blue squares above a red star", lines=2,
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLE["prompt"], lines=2,
                                     max_length=lim.prompt_chars)  # fmt: skip
-                plan = gr.Textbox(label="Plan (editable; empty: written from the prompt)", lines=4)
+                plan = gr.Textbox(label="Plan (editable; empty: written from the prompt)", lines=4,
+                                  value=ex.get("plan", ""))  # fmt: skip
                 write = gr.Button("Write plan")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
-                    n = gr.Slider(1, lim.images, value=2, step=1, label="Images")
+                    n = gr.Slider(1, lim.images, value=EXAMPLE["n"], step=1, label="Images")
                 with gr.Accordion("Sampling", open=False):
                     sampler = gr.Dropdown(SAMPLERS, value="dpm++2m", label="Sampler")
                     steps = gr.Slider(1, lim.steps, value=25, step=1, label="Steps")
@@ -201,20 +220,22 @@ def build_ui(app: App) -> gr.Blocks:
                     cancel = gr.Button("Cancel", variant="stop")
             with gr.Column(scale=3):
                 with gr.Row():
-                    bridge_out = gr.Gallery(label="plan2img (bridge, reads the plan)", columns=2, height=300)
-                    native_out = gr.Gallery(label="native base (reads the prompt)", columns=2, height=300)
+                    bridge_out = gr.Gallery(label="plan2img (bridge, reads the plan)", columns=2, height=300,
+                                            value=ex.get("bridge"))  # fmt: skip
+                    native_out = gr.Gallery(label="native base (reads the prompt)", columns=2, height=300,
+                                            value=ex.get("native"))  # fmt: skip
                 with gr.Row():
-                    png_file = gr.File(label="PNG")
-                    json_file = gr.File(label="Plan JSON")
+                    png_file = gr.File(label="Download PNG", height=70, value=ex.get("png"))
+                    json_file = gr.File(label="Download plan JSON", height=70, value=ex.get("json"))
         with gr.Accordion("Critique and refine", open=True):
             with gr.Row():
                 rounds = gr.Slider(1, lim.rounds, value=4, step=1, label="Rounds (diffusion calls at most)")
                 refine_go = gr.Button("Refine")
-            strip = gr.Image(label="Rounds: image, critic score and critique", type="pil")
-            critique = gr.Textbox(label="Critiques", lines=6)
+            strip = gr.Image(label="Rounds", show_label=False, type="pil", value=ex.get("strip"))
+            critique = gr.Textbox(label="Critiques", lines=6, value=ex.get("critique", ""))
             with gr.Row():
-                strip_png = gr.File(label="Strip PNG")
-                strip_json = gr.File(label="Trajectory JSON")
+                strip_png = gr.File(label="Download strip PNG", height=70, value=ex.get("strip_png"))
+                strip_json = gr.File(label="Download trajectory JSON", height=70, value=ex.get("strip_json"))
         sampling = [seed, n, sampler, steps, guidance]
         write.click(app.write_plan, [prompt], [plan], api_name="write_plan", concurrency_id="bridge",
                     concurrency_limit=1)  # fmt: skip
@@ -236,9 +257,10 @@ def build_ui(app: App) -> gr.Blocks:
     return demo
 
 
-def serve(app: App, host: str = "127.0.0.1", port: int = 7860, block: bool = True, max_queue: int = 64):
+def serve(app: App, host: str = "127.0.0.1", port: int = 7860, block: bool = True, max_queue: int = 64,
+          example: bool = False):  # fmt: skip
     """Launch the UI (one queue per model; at most ``max_queue`` waiting requests). Returns the Blocks."""
-    demo = build_ui(app)
+    demo = build_ui(app, example)
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=not block)
     return demo
