@@ -812,9 +812,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUANTIZING_COMMANDS = ("train", "dpo")  # their configs may ask for 8-bit (llm_load_in_8bit, adamw8bit)
+
+
+def _hide_bitsandbytes_unless_asked(args: argparse.Namespace) -> None:
+    """Without --load-in-8bit (or a config that may quantize), mark bitsandbytes absent for this process. diffusers,
+    peft and transformers import it whenever it is installed (about a second of start-up, plus its kernel-hub
+    warning on every command); with ``sys.modules[name] = None`` their availability checks
+    (`importlib.util.find_spec`) say it is not installed, so none of them loads it."""
+    if getattr(args, "load_in_8bit", False) or getattr(args, "command", None) in QUANTIZING_COMMANDS:
+        return
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # the `plan2img` process itself (a library caller's process is not ours to change)
+        _hide_bitsandbytes_unless_asked(args)
     try:
         return args.func(args)
     except InputError as err:  # bad input: one line naming it
