@@ -3,6 +3,9 @@
 import io
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -311,3 +314,19 @@ def test_plan_pairs_with_a_broken_plan_name_the_row(tmp_path):
     missing.write_text(json.dumps({"prompt": "x", "chosen": GOOD}) + "\n")
     with pytest.raises(DataPrepError, match=r"lack columns \['rejected'\]"):
         plan_pairs(missing, tok, V.TOY_PLAN_SPEC)
+
+
+def test_plot_dpo_draws_the_diagnostics_of_unet_and_planner_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    unet = [{"step": s, "loss": 0.69 - 0.01 * s, "implicit_acc": 0.5 + 0.05 * s, "reward_margin": 0.1 * s,
+             "heldout_implicit_acc": 0.55, "heldout_reward_margin": 0.05, "heldout_diffusion_loss": 0.03,
+             "heldout_ref_diffusion_loss": 0.03, "grad_norm": 1.0} for s in (1, 2, 3)]  # fmt: skip
+    planner = [{"step": s, "loss": 0.6, "rewards/accuracies": 0.7, "rewards/margins": 0.2} for s in (2, 4)]
+    for name, rows in (("unet", unet), ("planner", planner)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).parent.parent / "scripts" / "plot_dpo.py"
+    out = tmp_path / "plot.png"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "unet"), str(tmp_path / "planner"), "--out", str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    assert Image.open(out).size[0] > 400
