@@ -477,6 +477,11 @@ CASES = [
         ["dpo", "--config", "configs/toy_dpo.yaml", "--set", "target=vae", "out={tmp}/out"],
         ("target", "vae"),
     ),  # fmt: skip
+    # serve (each fails before a server starts)
+    Case("serve-port-zero", ["serve", "--port", "0"], ("--port",)),
+    Case("serve-port-word", ["serve", "--port", "http"], ("--port", "integer")),
+    Case("serve-max-images-zero", ["serve", "--max-images", "0"], ("--max-images",)),
+    Case("serve-bridge-missing", ["serve", "--bridge", "{tmp}/nobridge"], ("nobridge",), slow=True),
 ]
 
 
@@ -507,7 +512,7 @@ def test_bad_input(case: Case, tmp_path: Path, capsys, monkeypatch) -> None:
 def test_the_suite_covers_every_command_with_at_least_40_cases() -> None:
     assert len(CASES) >= 40
     commands = {c.argv[0] if c.argv[0] != "data" else " ".join(c.argv[:2]) for c in CASES}
-    assert {"generate", "plan", "eval", "data build", "data prepare", "train", "refine", "dpo"} <= commands
+    assert {"generate", "plan", "eval", "data build", "data prepare", "train", "refine", "dpo", "serve"} <= commands
 
 
 def test_a_bug_is_not_caught_so_python_prints_its_traceback_and_exits_1(monkeypatch) -> None:
