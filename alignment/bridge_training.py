@@ -13,7 +13,6 @@ import json
 import re
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from peft import LoraConfig, inject_adapter_in_model, prepare_model_for_kbit_training
@@ -22,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from alignment.bridge_data import BridgeData, hidden_state_cache, load_bridge_data
-from alignment.loop import EMA, EpochSampler, JsonlLogger, TrainLoop, warmup_cosine
+from alignment.loop import EMA, EpochSampler, JsonlLogger, TrainLoop, make_optimizer, warmup_cosine
 from alignment.lora import lora_factors
 from alignment.losses import ClipAlignmentHead, clip_alignment_loss, diffusion_loss, diffusion_target
 from alignment.stages import BridgeTrainConfig, StageConfig
@@ -520,15 +519,6 @@ def load_llm(cfg: BridgeTrainConfig, accelerator: Accelerator):
     if cfg.llm_load_in_8bit:
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.gradient_checkpointing)
     return llm.requires_grad_(False).eval()
-
-
-def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs CUDA)."""
-    if name == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise InputError("optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU; none is available")
-        return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999))
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
 def train_bridge(cfg: BridgeTrainConfig, progress: bool = True) -> list[Path]:

@@ -34,7 +34,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from alignment.loop import EpochSampler, fit, warmup_cosine
+from alignment.loop import EpochSampler, fit, make_optimizer, warmup_cosine
 from alignment.lora import lora_factors
 from alignment.losses import DPOLoss, diffusion_dpo_loss, diffusion_target
 from alignment.preference import load_preference_pairs
@@ -314,7 +314,7 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
         data.source.bridge.requires_grad_(False)
         params += [p.requires_grad_(True) for p in data.source.parameters()]
     modules = _Trained(unet, getattr(data.source, "bridge", None))
-    opt = _optimizer(cfg, params)
+    opt = make_optimizer(cfg.optimizer, [{"params": params, "lr": cfg.lr, "weight_decay": 1e-2}])
     sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     sampler = EpochSampler(len(train_idx), cfg.batch_size, cfg.seed)
@@ -345,14 +345,6 @@ class _Trained(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.bridge = bridge
-
-
-def _optimizer(cfg: DPOTrainConfig, params):
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # optional and CUDA-only: imported where asked for
-
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
 
 
 def save_dpo(modules: _Trained, folder: str | Path, cfg: DPOTrainConfig | None = None) -> Path:

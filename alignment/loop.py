@@ -221,6 +221,20 @@ class NonFiniteLossError(InputError, FloatingPointError):
     Usually the data or the settings (a learning rate too high, fp16 overflow), so the CLI reports it as one line."""
 
 
+def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (``adamw8bit``: optimizer states in 8 bits; needs CUDA). bitsandbytes is
+    optional and imported only when asked for. Every trainer builds its optimizer here."""
+    if name == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise InputError("optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU; none is available")
+        import bitsandbytes as bnb  # optional, CUDA-only
+
+        return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999))
+    if name != "adamw":
+        raise InputError(f"optimizer must be adamw or adamw8bit, got {name!r}")
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
     """Stop with the step named when a loss is NaN or inf (`NonFiniteLossError`)."""
     if not torch.isfinite(loss).all():

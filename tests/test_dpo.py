@@ -26,6 +26,7 @@ from alignment.dpo import (
     pair_errors,
     train_unet_dpo,
 )
+from alignment.loop import make_optimizer
 from alignment.losses import diffusion_dpo_loss
 from alignment.planner_dpo import PlannerDPOConfig, plan_pairs, train_planner_dpo
 from alignment.preference import PairWriter
@@ -330,3 +331,10 @@ def test_plot_dpo_draws_the_diagnostics_of_unet_and_planner_runs(tmp_path):
     subprocess.run([sys.executable, str(script), str(tmp_path / "unet"), str(tmp_path / "planner"), "--out", str(out)],
                    check=True, capture_output=True)  # fmt: skip
     assert Image.open(out).size[0] > 400
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_dpo_with_8bit_adamw_on_a_machine_without_cuda_says_so():
+    cfg = DPOTrainConfig(optimizer="adamw8bit")
+    with pytest.raises(ValueError, match="adamw8bit.*needs a CUDA GPU"):
+        make_optimizer(cfg.optimizer, [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": cfg.lr}])

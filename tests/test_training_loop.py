@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import save_tiny_planner, save_tiny_sd, save_tiny_toy_base, tiny_bridge_config
 
-from alignment.bridge_training import BridgeTrainer, make_optimizer
-from alignment.loop import EMA
+from alignment.bridge_training import BridgeTrainer
+from alignment.loop import EMA, make_optimizer
 from alignment.stages import config_from_dict
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.models import load_backbone
