@@ -403,7 +403,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metadata = Path(args.metadata) if args.metadata else PACKAGE_METADATA[args.split]
     entries = limit_per_task(read_metadata(metadata), args.limit_per_task)
     if sum([bool(args.images), args.ground_truth, bool(args.generate)]) != 1:
-        raise SystemExit("error: pass exactly one of --images DIR, --ground-truth, --generate native|bridge")
+        raise InputError("pass exactly one of --images DIR, --ground-truth, --generate native|bridge")
     extra = {"metadata": str(metadata)}
     images = pairs = None
     if args.images:

@@ -390,6 +390,7 @@ CASES = [
         ["eval", "--generate", "bridge", "--n-per-prompt", "0", "--out", "{tmp}/out"],
         ("--n-per-prompt",),
     ),  # fmt: skip
+    Case("eval-no-source", ["eval", "--out", "{tmp}/out"], ("--images", "--ground-truth", "--generate")),
     # data build / prepare
     Case("data-build-n-zero", ["data", "build", "--out", "{tmp}/out", "--n", "0"], ("--n",)),
     Case(
