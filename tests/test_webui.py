@@ -91,3 +91,10 @@ def test_twenty_requests_four_at_a_time_none_fails_and_the_same_seed_gives_the_s
             assert np.array_equal(image, first[s])
         first[s] = image
     assert len({first[s].tobytes() for s in first}) == 5  # different seeds, different images
+
+
+def test_a_queued_job_can_be_cancelled_and_the_queue_goes_on(client):
+    jobs = [client.submit("a red circle", "", s, 2, "dpm++2m", 20, 7.5, api_name="/generate") for s in range(3)]
+    assert jobs[2].cancel()  # still waiting behind the others on the bridge's queue
+    assert len(jobs[0].result()[0]) == 2 and len(jobs[1].result()[0]) == 2
+    assert jobs[2].status().code.name in ("CANCELLED", "FINISHED") and jobs[2].status().success is not True
