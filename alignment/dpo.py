@@ -20,6 +20,7 @@ The loss itself is `alignment.losses.diffusion_dpo_loss`. The conditioning of a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable, Iterator
@@ -100,11 +101,12 @@ def pair_errors(unet, scheduler, cond: Conditioning, latents_w: torch.Tensor, la
 
 
 def policy_and_reference_errors(
-    unet, scheduler, cond: Conditioning, ref_cond: Conditioning, latents_w, latents_l, noise, t
+    unet, scheduler, cond: Conditioning, ref_cond: Conditioning, latents_w, latents_l, noise, t, reference=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(policy winner, policy loser, reference winner, reference loser) errors under one noise draw and t: the
-    reference with the adapters disabled, under ``ref_cond``, without gradient."""
-    with torch.no_grad(), adapters_disabled(unet):
+    reference with the adapters disabled, under ``ref_cond`` and inside ``reference`` (a context that puts the
+    reference's own parts into the U-Net, e.g. a frozen connector's time modulation), without gradient."""
+    with torch.no_grad(), adapters_disabled(unet), reference or contextlib.nullcontext():
         ref_w, ref_l = pair_errors(unet, scheduler, ref_cond, latents_w, latents_l, noise, t)
     pol_w, pol_l = pair_errors(unet, scheduler, cond, latents_w, latents_l, noise, t)
     return pol_w, pol_l, ref_w, ref_l
@@ -120,6 +122,7 @@ def dpo_step_losses(
     generator: torch.Generator,
     sft_weight: float = 0.0,
     ref_cond: Conditioning | None = None,
+    reference=None,
 ) -> dict[str, torch.Tensor]:
     """One DPO micro-batch: a shared noise draw and timestep per pair (from ``generator``), the reference errors
     with the adapters disabled and under ``ref_cond`` (default ``cond``; a frozen connector's output in connector
@@ -131,7 +134,7 @@ def dpo_step_losses(
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
     t = t.to(device)
     pol_w, pol_l, ref_w, ref_l = policy_and_reference_errors(
-        unet, scheduler, cond, cond if ref_cond is None else ref_cond, latents_w, latents_l, noise, t
+        unet, scheduler, cond, cond if ref_cond is None else ref_cond, latents_w, latents_l, noise, t, reference
     )
     out: DPOLoss = diffusion_dpo_loss(pol_w, pol_l, ref_w, ref_l, beta, sft_weight)
     return {
@@ -195,6 +198,10 @@ class FixedConditioning:
     def __init__(self, cond: Conditioning):
         self.cond = cond
 
+    def as_reference(self, unet) -> contextlib.AbstractContextManager:
+        """Nothing to swap: the reference differs from the policy only by the U-Net's adapters."""
+        return contextlib.nullcontext()
+
     @classmethod
     @torch.no_grad()
     def of(cls, condition: Callable[[list[str]], Conditioning], captions: list[str], batch: int = 64):
@@ -215,6 +222,21 @@ class ConnectorConditioning:
     def __init__(self, bridge, states: PlanStates, native: Conditioning | None, masks: torch.Tensor | None):
         self.bridge, self.states, self.native, self.masks = bridge, states, native, masks
         self.reference = copy.deepcopy(bridge).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def as_reference(self, unet) -> Iterator[None]:
+        """The frozen copy's time modulation in the U-Net inside the block (the connector's pooled vector acts
+        through the U-Net's class embedding, which the policy's training changes), the policy's after."""
+        frozen = self.reference.connector.time_modulation
+        if frozen is None:
+            yield
+            return
+        live = unet.class_embedding
+        unet.class_embedding = frozen.to(next(unet.parameters()).device)
+        try:
+            yield
+        finally:
+            unet.class_embedding = live
 
     @classmethod
     @torch.no_grad()
@@ -285,7 +307,8 @@ def heldout_metrics(unet, scheduler, data: PairTensors, rows, beta: float, seed:
         cond, ref, zw, zl = data.rows(idx, device)
         noise = torch.randn(zw.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(device)
-        pw, pl, rw, rl = policy_and_reference_errors(unet, scheduler, cond, ref, zw, zl, noise, t)
+        pw, pl, rw, rl = policy_and_reference_errors(unet, scheduler, cond, ref, zw, zl, noise, t,
+                                                     data.source.as_reference(unet))  # fmt: skip
         res = diffusion_dpo_loss(pw, pl, rw, rl, beta)
         for key, v in (("heldout_implicit_acc", res.implicit_acc), ("heldout_reward_margin", res.reward_margin),
                        ("heldout_diffusion_loss", pw), ("heldout_ref_diffusion_loss", rw)):  # fmt: skip
@@ -321,7 +344,8 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
 
     def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
         cond, ref, zw, zl = data.rows(torch.as_tensor(train_idx)[sampler.batch(step)], device)
-        out = dpo_step_losses(unet, scheduler, cond, zw, zl, cfg.beta, gen, cfg.sft_weight, ref)
+        out = dpo_step_losses(unet, scheduler, cond, zw, zl, cfg.beta, gen, cfg.sft_weight, ref,
+                              data.source.as_reference(unet))  # fmt: skip
         if len(held_idx) and (step + 1) % cfg.log_every == 0:
             out |= heldout_metrics(unet, scheduler, data, held_idx, cfg.beta, cfg.seed + 23)
         return out

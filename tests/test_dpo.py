@@ -18,7 +18,9 @@ from tiny_models import save_tiny_planner, tiny_scheduler, tiny_unet, tiny_vae
 
 import alignment
 from alignment.dpo import (
+    ConnectorConditioning,
     DPOTrainConfig,
+    FixedConditioning,
     adapters_disabled,
     add_unet_lora,
     dpo_step_losses,
@@ -32,7 +34,10 @@ from alignment.planner_dpo import PlannerDPOConfig, plan_pairs, train_planner_dp
 from alignment.preference import PairWriter
 from alignment.prepared import DataPrepError
 from diffusion_backbone.conditioning import Conditioning
+from diffusion_backbone.injection import time_embedding_dim
 from diffusion_backbone.sampling import unet_forward
+from llm_bridge.bridge import LLMBridge
+from llm_bridge.connector import ConnectorConfig
 from planner.planner import Planner
 from planner.tokens import format_prompt
 from toyworld import vocab as V
@@ -338,3 +343,25 @@ def test_dpo_with_8bit_adamw_on_a_machine_without_cuda_says_so():
     cfg = DPOTrainConfig(optimizer="adamw8bit")
     with pytest.raises(ValueError, match="adamw8bit.*needs a CUDA GPU"):
         make_optimizer(cfg.optimizer, [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": cfg.lr}])
+
+
+def test_connector_dpo_reference_uses_the_frozen_time_modulation_inside_the_unet():
+    """The connector's pooled stream acts through the U-Net's class embedding: the reference pass must see the
+    frozen copy's time modulation, not the one being trained (else the reference drifts with the policy)."""
+    torch.manual_seed(0)
+    unet = tiny_unet(sample_size=8)
+    cfg = ConnectorConfig(d_llm=16, d_ctx=32, d_time=time_embedding_dim(unet), kind="mlp", width=16, d_pooled=8)
+    bridge = LLMBridge(cfg, torch.zeros(1, 4, 32), None)
+    bridge.attach(unet)
+    source = ConnectorConditioning(bridge, states=None, native=None, masks=None)
+    live = unet.class_embedding
+    assert live is bridge.connector.time_modulation
+    with torch.no_grad():
+        for q in live.parameters():
+            q.add_(1.0)  # a training step moved the policy's time modulation
+    with source.as_reference(unet):
+        assert unet.class_embedding is source.reference.connector.time_modulation
+        assert not torch.equal(next(unet.class_embedding.parameters()), next(live.parameters()))
+    assert unet.class_embedding is live
+    with FixedConditioning(None).as_reference(unet):
+        assert unet.class_embedding is live
