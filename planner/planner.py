@@ -13,7 +13,6 @@ passed on silently.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,9 +235,7 @@ class Planner:
         with torch.random.fork_rng(devices=[]):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = self.model.generate(**enc, **gen_kwargs)
+            out = self.model.generate(**enc, **gen_kwargs)
         results = []
         for b, prompt in enumerate(prompts):
             ids = out[b, length:].tolist()
