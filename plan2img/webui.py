@@ -68,6 +68,10 @@ def _big(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image).resize((image.shape[1] * SHOW_SCALE, image.shape[0] * SHOW_SCALE), Image.NEAREST)
 
 
+def _gallery(images: list[np.ndarray], seeds: list[int]) -> list[tuple[Image.Image, str]]:
+    return [(_big(im), f"seed {k}") for im, k in zip(images, seeds)]
+
+
 def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -101,6 +105,15 @@ class App:
             return Plan.parse(plan, self.models.bridge.writer.plan_spec).to_text()
         except PlanError as err:
             raise gr.Error(f"Plan: {err}") from None
+
+    def _seeds(self, seed, n: int) -> list[int]:
+        try:
+            first = int(seed)
+        except (TypeError, ValueError):
+            raise gr.Error(f"Seed must be a whole number, got {seed!r}") from None
+        if first != seed or not 0 <= first < 2**63 - n:
+            raise gr.Error(f"Seed must be a whole number from 0 to 2**63 - {n + 1}, got {seed!r}")
+        return [first + k for k in range(n)]
 
     def _numbers(self, n: int, steps: int, guidance: float, sampler: str) -> tuple[int, int, float]:
         n, steps = int(n), int(steps)
@@ -140,25 +153,25 @@ class App:
         prompt, plan = self._prompt(prompt), self._plan(plan)
         n, steps, guidance = self._numbers(n, steps, guidance, sampler)
         plan = plan or self.write_plan(prompt)
-        images, seeds = [], [int(seed) + k for k in range(n)]
+        images, seeds = [], self._seeds(seed, n)
         for s in seeds:
             out = self.models.bridge([prompt], [s], plans=[plan], sampler=sampler, steps=steps,
                                      guidance_scale=guidance)  # fmt: skip
             images.append(out.images[0])
-            yield [(_big(im), f"seed {k}") for im, k in zip(images, seeds)], plan, None, None
+            yield _gallery(images, seeds), plan, None, None
         png, meta = self._save("bridge", images, {"prompt": prompt, "plan": plan, "seeds": seeds, "sampler": sampler,
                                                   "steps": steps, "guidance": guidance})  # fmt: skip
-        yield [(_big(im), f"seed {k}") for im, k in zip(images, seeds)], plan, png, meta
+        yield _gallery(images, seeds), plan, png, meta
 
     def generate_native(self, prompt, seed, n, sampler, steps, guidance):
         """The native base from the prompt alone, on the same seeds (the side-by-side baseline)."""
         prompt = self._prompt(prompt)
         n, steps, guidance = self._numbers(n, steps, guidance, sampler)
-        images, seeds = [], [int(seed) + k for k in range(n)]
+        images, seeds = [], self._seeds(seed, n)
         for s in seeds:
             out = self.models.native([prompt], [s], sampler=sampler, steps=steps, guidance_scale=guidance)
             images.append(out.images[0])
-            yield [(_big(im), f"seed {k}") for im, k in zip(images, seeds)]
+            yield _gallery(images, seeds)
 
     def refine(self, prompt, plan, seed, rounds, sampler, steps, guidance):
         """The critique-and-refine loop: (strip image, critique text per round, PNG file, trajectory JSON)."""
@@ -168,7 +181,8 @@ class App:
         if not 1 <= rounds <= self.limits.rounds:
             raise gr.Error(f"Rounds must be 1 to {self.limits.rounds}, got {rounds}")
         ns = argparse.Namespace(sampler=sampler, steps=steps, guidance=guidance, moves=None)
-        traj = Refiner(self.models.bridge, self.models.critic, _refine_config(ns, rounds))(prompt, int(seed), plan)
+        seed = self._seeds(seed, 1)[0]
+        traj = Refiner(self.models.bridge, self.models.critic, _refine_config(ns, rounds))(prompt, seed, plan)
         lines = [f"plan: {traj.plan}"]
         for r in traj.rounds:
             lines.append(f"round {r.index} ({r.move}, seed {r.seed}): score {r.score:.2f} - "

@@ -77,6 +77,8 @@ def test_a_bad_plan_and_numbers_out_of_range_get_readable_errors(client):
         _generate(client, n=5)
     with pytest.raises(gradio_client.exceptions.AppError, match="Prompt: prompt is empty"):
         _generate(client, prompt="   ")
+    with pytest.raises(gradio_client.exceptions.AppError, match="less than minimum value 0|Seed must be a whole number"):
+        _generate(client, seed=-4)
 
 
 def test_twenty_requests_four_at_a_time_none_fails_and_the_same_seed_gives_the_same_image(client):
