@@ -350,6 +350,16 @@ def repair_plan(text: str, spec: PlanSpec | None = None) -> RepairResult:
     except PlanError:
         pass
     fixes: list[str] = []
+    found = _tagged_fields(_between_markers(text, fixes), fixes)
+    kept = _fill_required(_repaired_fields(found, spec, fixes), spec, fixes)
+    kept.sort(key=lambda nb: FIELDS.index(nb[0]))
+    plan = Plan.from_fields(kept)
+    plan.validate(spec)  # anything still wrong (object grammar, total length) is not repairable
+    return RepairResult(plan, fixes)
+
+
+def _between_markers(text: str, fixes: list[str]) -> str:
+    """The text between ``<IMG_BEGIN>`` and ``<IMG_END>`` (either supplied when missing; text outside dropped)."""
     start, end = text.find(IMG_BEGIN), text.find(IMG_END)
     if start < 0:
         fixes.append(f"added missing {IMG_BEGIN}")
@@ -363,7 +373,12 @@ def repair_plan(text: str, spec: PlanSpec | None = None) -> RepairResult:
         end = len(text)
     elif normalize_text(text[end + len(IMG_END) :]):
         fixes.append(f"dropped text after {IMG_END}")
-    pieces = _TAG_RE.split(text[start:end])
+    return text[start:end]
+
+
+def _tagged_fields(inner: str, fixes: list[str]) -> list[tuple[str, str]]:
+    """(field, text) pairs in the order written; unknown tags, empty fields and leading text dropped."""
+    pieces = _TAG_RE.split(inner)
     if normalize_text(pieces[0]):
         fixes.append("dropped text before the first field")
     found: list[tuple[str, str]] = []
@@ -372,11 +387,16 @@ def repair_plan(text: str, spec: PlanSpec | None = None) -> RepairResult:
         name = TAG_TO_FIELD.get(tag)
         if name is None:
             fixes.append(f"removed unknown tag {tag}")
-            continue
-        if not body:
+        elif not body:
             fixes.append(f"removed empty {name}")
-            continue
-        found.append((name, body))
+        else:
+            found.append((name, body))
+    return found
+
+
+def _repaired_fields(found: list[tuple[str, str]], spec: PlanSpec, fixes: list[str]) -> list[tuple[str, str]]:
+    """Fields in order, repeats and surplus OBJECTs dropped, each cut to the token limit and held to the
+    vocabulary (closest entry, else the default)."""
     ordered = sorted(found, key=lambda nb: FIELDS.index(nb[0]))  # stable: OBJECTs keep their order
     if [n for n, _ in ordered] != [n for n, _ in found]:
         fixes.append("put fields in order")
@@ -390,24 +410,37 @@ def repair_plan(text: str, spec: PlanSpec | None = None) -> RepairResult:
         if name == "OBJECT" and sum(1 for n, _ in kept if n == "OBJECT") >= spec.max_objects:
             fixes.append(f"dropped OBJECT beyond {spec.max_objects}")
             continue
-        if spec.count_tokens(body) > spec.max_field_tokens:
-            words = body.split()
-            while words and spec.count_tokens(" ".join(words)) > spec.max_field_tokens:
-                words.pop()
-            body = " ".join(words)
-            fixes.append(f"cut {name} to {spec.max_field_tokens} tokens")
-        if spec.vocab is not None and name in spec.vocab and body not in spec.vocab[name]:
-            match = difflib.get_close_matches(body, sorted(spec.vocab[name]), n=1, cutoff=0.5)
-            if match:
-                fixes.append(f"replaced {name} '{body}' by '{match[0]}'")
-                body = match[0]
-            elif spec.defaults and name in spec.defaults:
-                fixes.append(f"replaced unknown {name} '{body}' by default '{spec.defaults[name]}'")
-                body = spec.defaults[name]
-            else:
-                raise PlanError(f"'{body[:40]}' is not in the vocabulary and has no close match", name)
+        body = _in_vocabulary(name, _cut_to_limit(name, body, spec, fixes), spec, fixes)
         if body:
             kept.append((name, body))
+    return kept
+
+
+def _cut_to_limit(name: str, body: str, spec: PlanSpec, fixes: list[str]) -> str:
+    if spec.count_tokens(body) <= spec.max_field_tokens:
+        return body
+    words = body.split()
+    while words and spec.count_tokens(" ".join(words)) > spec.max_field_tokens:
+        words.pop()
+    fixes.append(f"cut {name} to {spec.max_field_tokens} tokens")
+    return " ".join(words)
+
+
+def _in_vocabulary(name: str, body: str, spec: PlanSpec, fixes: list[str]) -> str:
+    if spec.vocab is None or name not in spec.vocab or body in spec.vocab[name]:
+        return body
+    match = difflib.get_close_matches(body, sorted(spec.vocab[name]), n=1, cutoff=0.5)
+    if match:
+        fixes.append(f"replaced {name} '{body}' by '{match[0]}'")
+        return match[0]
+    if spec.defaults and name in spec.defaults:
+        fixes.append(f"replaced unknown {name} '{body}' by default '{spec.defaults[name]}'")
+        return spec.defaults[name]
+    raise PlanError(f"'{body[:40]}' is not in the vocabulary and has no close match", name)
+
+
+def _fill_required(kept: list[tuple[str, str]], spec: PlanSpec, fixes: list[str]) -> list[tuple[str, str]]:
+    """Missing required fields derived from the others (``spec.derive``) or filled from ``spec.defaults``."""
     present = {n for n, _ in kept}
     if "OBJECT" in spec.required and "OBJECT" not in present:
         raise PlanError("is required (at least one OBJECT); an object cannot be made up", "OBJECT")
@@ -418,19 +451,17 @@ def repair_plan(text: str, spec: PlanSpec | None = None) -> RepairResult:
         except PlanError:
             derived = {}
     for name in spec.required:
-        if name not in present:
-            if name in derived:
-                kept.append((name, derived[name]))
-                fixes.append(f"derived missing {name} '{derived[name]}' from the other fields")
-            elif spec.defaults and name in spec.defaults:
-                kept.append((name, spec.defaults[name]))
-                fixes.append(f"filled missing {name} with default '{spec.defaults[name]}'")
-            else:
-                raise PlanError("is required, missing, and has no default to fill in", name)
-    kept.sort(key=lambda nb: FIELDS.index(nb[0]))
-    plan = Plan.from_fields(kept)
-    plan.validate(spec)  # anything still wrong (object grammar, total length) is not repairable
-    return RepairResult(plan, fixes)
+        if name in present:
+            continue
+        if name in derived:
+            kept.append((name, derived[name]))
+            fixes.append(f"derived missing {name} '{derived[name]}' from the other fields")
+        elif spec.defaults and name in spec.defaults:
+            kept.append((name, spec.defaults[name]))
+            fixes.append(f"filled missing {name} with default '{spec.defaults[name]}'")
+        else:
+            raise PlanError("is required, missing, and has no default to fill in", name)
+    return kept
 
 
 def replace_fields(plan: Plan, **changes: str | tuple[str, ...] | None) -> Plan:
