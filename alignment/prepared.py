@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from planner.schema import Plan, PlanError, PlanSpec
-from safeio import InputError, atomic_dir, atomic_write_bytes
+from safeio import InputError, atomic_dir, atomic_write_bytes, read_jsonl
 
 PREPARED_COLUMNS = ("image", "prompt", "plan", "split")
 
@@ -59,15 +59,7 @@ def folder_fingerprint(*paths: str | Path) -> str:
 # ------------------------------------------------------------------------------------------------ reading
 def _check_jsonl(path: Path) -> None:
     """Each line of a JSON-lines file is UTF-8 and one JSON object; `DataPrepError` names the file and line."""
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise DataPrepError(f"{path} line {lineno}: not UTF-8 (byte {raw[err.start]:#04x})") from None
-        except json.JSONDecodeError as err:
-            raise DataPrepError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+    for lineno, row in read_jsonl(path, DataPrepError):
         if not isinstance(row, dict):
             raise DataPrepError(f"{path} line {lineno}: not a JSON object")
 

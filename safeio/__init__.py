@@ -22,6 +22,24 @@ class InputError(ValueError):
     class derives from this one (a `ValueError`, so ``except ValueError`` still catches it)."""
 
 
+def read_jsonl(path: str | os.PathLike, error: type[Exception] = InputError) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` for each non-blank line of a JSON-lines file; a line that is not UTF-8 or not JSON
+    raises ``error`` naming the file, the line and the fault."""
+    path = Path(path)
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad = f"byte {raw[err.start]:#04x} at column {err.start}"
+            raise error(f"{path} line {lineno}: not UTF-8 ({bad})") from None
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

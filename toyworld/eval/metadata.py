@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from planner.schema import Plan, PlanError, PlanObject
-from safeio import InputError, atomic_write_text
+from safeio import InputError, atomic_write_text, read_jsonl
 from toyworld import vocab as V
 from toyworld.grammar import families, render_prompt
 from toyworld.scene import RELATIONS, SceneSpec, SpecDraw, default_slots
@@ -203,21 +203,7 @@ def read_metadata(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"metadata file {path} does not exist")
-    entries = []
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            bad = f"byte {raw[err.start]:#04x} at column {err.start}"
-            raise MetadataError(f"{path} line {lineno}: not UTF-8 ({bad})") from None
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MetadataError(f"{where}: not valid JSON ({err.msg})") from None
-        entries.append(validate_entry(entry, where))
+    entries = [validate_entry(entry, f"{path} line {n}") for n, entry in read_jsonl(path, MetadataError)]
     if not entries:
         raise MetadataError(f"metadata file {path} has no entries")
     return entries
