@@ -259,9 +259,10 @@ def _save_images(images, out: str, scale: int = 1, captions: list[str] | None = 
     from PIL import Image
 
     from safeio import atomic_write_bytes
-    from toyworld.data import preview_grid
 
     if captions is not None:
+        from toyworld.data import preview_grid  # only the captioned sheet needs it
+
         sheet = preview_grid(list(images), captions, columns=min(4, len(images)), scale=scale, max_lines=12)
     else:
         images = np.asarray(images).repeat(scale, axis=1).repeat(scale, axis=2)

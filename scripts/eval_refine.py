@@ -162,7 +162,7 @@ def plan_pairs(pipe, critic, entries, args, pairs: PairWriter) -> int:
         readings = critic.read(images)
         scores: dict[int, list[tuple[float, str]]] = {}
         for j, plan, reading in zip(keep, plans, readings):
-            if reading.plan is None:
+            if reading.plan is None or greedy[j // K] is None:  # unreadable, or no intended plan to compare with
                 continue
             score = critique(greedy[j // K], reading.plan, grammar).score
             scores.setdefault(j // K, []).append((score, plan))
