@@ -30,7 +30,7 @@ from safeio import atomic_dir, atomic_write_json
 
 @dataclass
 class PlannerTrainConfig:
-    data: str = "data/toy50k"  # a `plan2img data build` folder; its "train" split is used
+    data: str | None = "data/toy50k"  # a `plan2img data build` folder (its "train" split); None: extra rows only
     out: str = "runs/planner"  # checkpoints/, log.jsonl, final/
     vocab_size: int = 1024  # BPE vocabulary (before the planning tokens)
     hidden_size: int = 256
@@ -132,10 +132,13 @@ class JsonlCallback(TrainerCallback):
 def training_rows(
     cfg: PlannerTrainConfig, ds, extra_rows: Sequence[tuple[str, str]] = ()
 ) -> tuple[list[str], list[str]]:
-    """Prompts and plans to train on: the data set's train rows (or ``cfg.data_rows`` of them, seeded) followed
-    by ``extra_rows``. The trainer shuffles."""
-    train = ds.filter(lambda s: s == "train", input_columns="split")
-    prompts, plans = list(train["prompt"]), list(train["plan"])
+    """Prompts and plans to train on: the data set's train rows (or ``cfg.data_rows`` of them, seeded; none when
+    ``ds`` is None) followed by ``extra_rows``. The trainer shuffles."""
+    prompts: list[str] = []
+    plans: list[str] = []
+    if ds is not None:
+        train = ds.filter(lambda s: s == "train", input_columns="split")
+        prompts, plans = list(train["prompt"]), list(train["plan"])
     if cfg.data_rows is not None and cfg.data_rows < len(prompts):
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(prompts))[: cfg.data_rows])
         prompts, plans = [prompts[i] for i in keep], [plans[i] for i in keep]
@@ -205,7 +208,9 @@ def train_planner(cfg: PlannerTrainConfig, extra_rows: Sequence[tuple[str, str]]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    ds = load_prepared(cfg.data)
+    if cfg.data is None and not (cfg.init and extra_rows):
+        raise ValueError("data=None trains on extra rows alone: it needs init (an LM to start from) and extra_rows")
+    ds = None if cfg.data is None else load_prepared(cfg.data)
     tokenizer = planner_tokenizer(cfg, ds)
     model = initial_model(cfg, tokenizer)
     rows = sft_dataset(tokenizer, *training_rows(cfg, ds, extra_rows))

@@ -11,7 +11,14 @@ Round 0 is a normal generation. Each later round starts from the best image so f
   details); used when the findings name no placed object;
 - ``reseed``: a fresh generation with the next seed (cost 1); used when a scene-wide field (style, lighting,
   camera) is wrong (edits that keep the composition keep those too: measured, docs/results.md), when the moves
-  above are not allowed, or when they have failed ``patience`` times in a row.
+  above are not allowed, or when they have failed ``patience`` times in a row;
+- ``revise`` (with a `PlanReviser`): at a trajectory's first failed critique the planner LLM reads the prompt, the
+  plan and the critique and writes a revised plan; if it says something else, a fresh generation from it with the
+  next seed (cost 1), and the revised plan is the trajectory's plan from then on (every round is scored against
+  it); if it says the same, the other moves go on;
+- ``emphasis``: the failing objects' conditioning tokens (their plan-grounded regions' tokens) scaled by
+  ``emphasis_weight`` and the best round's seed generated again (cost 1): prompt weighting per object, as
+  ``(red star:1.5)`` in AUTOMATIC1111; tried once per trajectory, before the local edits.
 
 Compute is counted in diffusion calls (a partial SDEdit counts as its fraction of the steps); the loop stops when
 the critic finds nothing wrong, or when the next move would exceed ``budget`` (default ``rounds``). The same seed
@@ -20,6 +27,7 @@ gives the same trajectory.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import textwrap
 import time
@@ -37,10 +45,11 @@ from diffusion_backbone.sampling import decode_latents, encode_images, sample
 from llm_bridge.layout import plan_region_masks
 from llm_bridge.pipeline import Plan2ImgPipeline
 from planner.critic import CriticError, Critique, PlanReader, critique
-from planner.schema import Plan
+from planner.reviser import PlanReviser
+from planner.schema import ObjectGrammar, Plan, PlanError
 from safeio import InputError, atomic_write_bytes, atomic_write_json
 
-MOVES = ("local", "sdedit", "reseed")
+MOVES = ("local", "sdedit", "reseed", "revise", "emphasis")
 SEED_STRIDE = 100  # candidate j of an image with seed s uses seed s + 100 j (refine and best-of-K alike)
 
 
@@ -48,10 +57,12 @@ SEED_STRIDE = 100  # candidate j of an image with seed s uses seed s + 100 j (re
 class RefineConfig:
     rounds: int = 4  # at most this many rounds
     budget: float | None = None  # diffusion calls allowed (None: ``rounds``)
-    moves: tuple[str, ...] = MOVES  # allowed moves (the ablation: ("reseed",) is best-of-N picked by the critic)
+    moves: tuple[str, ...] = MOVES  # allowed moves (the ablation: ("reseed",) is best-of-N picked by the critic);
+    # ``revise`` runs only when the `Refiner` has a reviser, ``emphasis`` only with plan-grounded regions
     local_strength: float = 0.8
     sdedit_strength: float = 0.5
     patience: int = 2  # failed edits in a row before a reseed
+    emphasis_weight: float = 1.5  # scale of a failing object's conditioning tokens (``emphasis``)
     clear_found: bool = True  # local edits also redraw where the reading puts extra or misplaced objects
     scene_reseed: bool = True  # a wrong style / lighting / camera is fixed by a reseed, not by an edit
     seed_stride: int = SEED_STRIDE  # the j-th new seed of a trajectory is ``seed + j * seed_stride`` (best-of-K's)
@@ -65,6 +76,8 @@ class RefineConfig:
             raise InputError(f"unknown or no refine moves {list(self.moves)}; known: {list(MOVES)}")
         if self.rounds < 1:
             raise InputError(f"rounds must be >= 1, got {self.rounds}")
+        if not self.emphasis_weight > 0:
+            raise InputError(f"emphasis_weight must be > 0, got {self.emphasis_weight}")
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Round:
     critique: Critique | None
     timings: dict[str, float] = field(default_factory=dict)
     note: str | None = None  # e.g. why the critic's reading was replaced by a reseed
+    plan: str | None = None  # the plan this round drew and was critiqued against (None: the trajectory's)
 
     @property
     def score(self) -> float:
@@ -93,11 +107,39 @@ class Trajectory:
     prompt: str
     plan: str  # the intended plan (the writer's)
     rounds: list[Round]
+    grammar: ObjectGrammar | None = None  # how critiques compare objects (for re-scoring after a revision)
+
+    @property
+    def current_plan(self) -> str:
+        """The plan the trajectory now aims at: the last round's (a ``revise`` round changes it)."""
+        return (self.rounds[-1].plan if self.rounds else None) or self.plan
+
+    def critique_of(self, r: Round) -> Critique | None:
+        """``r``'s critique against the current plan (its own when it was drawn from that plan; else its reading
+        compared again)."""
+        plan = self.current_plan
+        if r.critique is None or (r.plan or self.plan) == plan:
+            return r.critique
+        return critique(Plan.parse(plan), r.critique.reading, self.grammar)
+
+    def score_of(self, r: Round) -> float:
+        crit = self.critique_of(r)
+        return 0.0 if crit is None else crit.score
 
     @property
     def best(self) -> Round:
-        """The round with the highest critic score (the earliest of equals)."""
-        return max(self.rounds, key=lambda r: (r.score, -r.index))
+        """The round with the highest critic score against the current plan (the earliest of equals)."""
+        return max(self.rounds, key=lambda r: (self.score_of(r), -r.index))
+
+    @property
+    def best_critique(self) -> Critique | None:
+        return self.critique_of(self.best)
+
+    @property
+    def satisfied(self) -> bool:
+        """The critic found nothing wrong with the best round (against the current plan)."""
+        crit = self.best_critique
+        return crit is not None and crit.ok
 
     @property
     def cost(self) -> float:
@@ -114,12 +156,13 @@ class Trajectory:
                 break
             kept.append(r)
             spent += r.cost
-        return Trajectory(self.prompt, self.plan, kept)
+        return Trajectory(self.prompt, self.plan, kept, self.grammar)
 
     def to_dict(self) -> dict:
         return {
             "prompt": self.prompt,
             "plan": self.plan,
+            "final_plan": self.current_plan,
             "best_round": self.best.index,
             "diffusion_calls": self.cost,
             "rounds": [
@@ -130,6 +173,7 @@ class Trajectory:
                     "diffusion_calls": r.cost,
                     "score": r.score,
                     "critique": None if r.critique is None else r.critique.to_dict(),
+                    "plan": r.plan or self.plan,
                     "timings": r.timings,
                     "note": r.note,
                 }
@@ -151,10 +195,12 @@ class Trajectory:
 
 
 class Refiner:
-    """Runs the loop for a `Plan2ImgPipeline` with a `PlanReader` critic."""
+    """Runs the loop for a `Plan2ImgPipeline` with a `PlanReader` critic; ``reviser`` (a `PlanReviser`) enables
+    the ``revise`` move."""
 
-    def __init__(self, pipe: Plan2ImgPipeline, critic: PlanReader, config: RefineConfig | None = None):
-        self.pipe, self.critic = pipe, critic
+    def __init__(self, pipe: Plan2ImgPipeline, critic: PlanReader, config: RefineConfig | None = None,
+                 reviser: PlanReviser | None = None):  # fmt: skip
+        self.pipe, self.critic, self.reviser = pipe, critic, reviser
         self.config = config or RefineConfig()
         self.grammar = pipe.planner.plan_spec.object_grammar
 
@@ -177,34 +223,35 @@ class Refiner:
         t0 = time.perf_counter()
         cond, null = self.pipe.conditioning_for(prompts, plans)
         t1 = time.perf_counter()
-        trajs = [Trajectory(prompt, plan, []) for prompt, plan in zip(prompts, plans)]
+        trajs = [Trajectory(prompt, plan, [], self.grammar) for prompt, plan in zip(prompts, plans)]
+        state = _BatchState(list(prompts), cond, [s + cfg.seed_stride for s in seeds], n)
         latents = self._generate(cond, null, list(seeds))
         share = {"conditioning": (t1 - t0) / n, "generate": (time.perf_counter() - t1) / n}
-        self._add(trajs, list(range(n)), "generate", list(seeds), 1.0, latents, intended, share)
-        state = _BatchState(latents.clone(), [0] * n, [s + cfg.seed_stride for s in seeds], [False] * n)
+        self._add(trajs, state, list(range(n)), "generate", list(seeds), 1.0, latents, share)
         while groups := self._next_moves(trajs, state, budget):
             for move, idx in groups.items():
-                before = [trajs[i].best.score for i in idx]
-                seeds_now = [state.next_seed[i] for i in idx]
+                seeds_now = [trajs[i].best.seed if move == "emphasis" else state.next_seed[i] for i in idx]
                 t0 = time.perf_counter()
-                new = self._move(move, _rows(cond, idx), _rows(null, idx), state.best_latents[idx],
-                                 [trajs[i].best for i in idx], [plans[i] for i in idx], seeds_now)  # fmt: skip
+                new = self._move(move, state.cond_rows(idx), _rows(null, idx), state.best_latents(trajs, idx),
+                                 [trajs[i] for i in idx], seeds_now)  # fmt: skip
                 share = {"generate": (time.perf_counter() - t0) / len(idx)}
-                self._add(trajs, idx, move, seeds_now, self._cost(move), new, intended, share)
-                state.record(idx, move, new, before, [trajs[i].rounds[-1].score for i in idx], cfg.seed_stride)
+                self._add(trajs, state, idx, move, seeds_now, self._cost(move), new, share)
+                state.record(trajs, idx, move, cfg.seed_stride)
         return trajs
 
     def _next_moves(self, trajs: list[Trajectory], state: _BatchState, budget: float) -> dict[str, list[int]]:
         """The trajectories that go on, grouped by their next move; a trajectory stops when its critic is
         satisfied, its rounds are spent, or its next move does not fit the budget (then for good)."""
+        going = [i for i, t in enumerate(trajs)
+                 if not state.stopped[i] and len(t.rounds) < self.config.rounds and not t.satisfied]  # fmt: skip
+        self._offer_revisions(trajs, state, going)
         groups: dict[str, list[int]] = {}
-        for i, traj in enumerate(trajs):
-            if state.stopped[i] or len(traj.rounds) >= self.config.rounds or traj.best.critique_ok:
-                continue
-            move = self._choose(traj.best, state.fails[i])
-            if traj.cost + self._cost(move) > budget + 1e-9:
+        for i in going:
+            move = self._choose(trajs[i], state, i)
+            if move is None or trajs[i].cost + self._cost(move) > budget + 1e-9:
                 state.stopped[i] = True
                 continue
+            state.commit(i, move)
             groups.setdefault(move, []).append(i)
         return groups
 
@@ -216,24 +263,61 @@ class Refiner:
             out.append(result.plan.to_text())
         return out
 
+    def _offer_revisions(self, trajs: list[Trajectory], state: _BatchState, going: list[int]) -> None:
+        """At a trajectory's first failed critique, the reviser reads (prompt, plan, critique); a revised plan that
+        says something else becomes the trajectory's proposal (with its conditioning), taken by ``_choose``."""
+        if self.reviser is None or "revise" not in self.config.moves:
+            return
+        ask = [i for i in going if not state.asked[i] and trajs[i].best_critique is not None]
+        if not ask:
+            return
+        t0 = time.perf_counter()
+        current = [trajs[i].current_plan for i in ask]
+        results = self.reviser.revise([state.prompts[i] for i in ask], current,
+                                      [trajs[i].best_critique.text for i in ask])  # fmt: skip
+        changed = []
+        for i, plan, result in zip(ask, current, results):
+            state.asked[i] = True
+            if result.plan is not None and not critique(Plan.parse(plan), result.plan, self.grammar).ok:
+                changed.append((i, result.plan.to_text()))
+        if changed:
+            cond, _ = self.pipe.conditioning_for([state.prompts[i] for i, _ in changed], [p for _, p in changed])
+            for j, (i, plan) in enumerate(changed):
+                state.proposals[i] = (plan, _rows(cond, [j]))
+        for i in ask:
+            state.revise_seconds[i] = (time.perf_counter() - t0) / len(ask)
+
     # ------------------------------------------------------------------------------------------ moves
     def _cost(self, move: str) -> float:
         cfg = self.config
-        return {"local": cfg.local_strength, "sdedit": cfg.sdedit_strength, "reseed": 1.0}[move]
+        return {"local": cfg.local_strength, "sdedit": cfg.sdedit_strength}.get(move, 1.0)
 
-    def _choose(self, best: Round, fails: int) -> str:
+    def _choose(self, traj: Trajectory, state: _BatchState, i: int) -> str | None:
+        """The next move of trajectory ``i`` (None: no allowed move applies, e.g. emphasis alone, once tried)."""
         cfg = self.config
         allowed = [m for m in MOVES if m in cfg.moves]
-        if (fails >= cfg.patience or best.critique is None) and "reseed" in allowed:
+        crit = traj.best_critique
+        if i in state.proposals:
+            return "revise"
+        if (state.fails[i] >= cfg.patience or crit is None) and "reseed" in allowed:
             return "reseed"  # edits keep failing, or the critic could not read the image: nothing to edit by
-        if cfg.scene_reseed and "reseed" in allowed and any(f.object is None and f.kind != "extra"
-                                                             for f in best.critique.findings):  # fmt: skip
+        if (
+            crit is not None
+            and cfg.scene_reseed
+            and "reseed" in allowed
+            and any(f.object is None and f.kind != "extra" for f in crit.findings)
+        ):
             return "reseed"  # style / lighting / camera are global: an edit that keeps the composition keeps them
-        if best.critique is not None and best.critique.failing_objects() and "local" in allowed:
-            return "local"
+        if crit is not None and crit.failing_objects():
+            if "emphasis" in allowed and not state.emphasized[i] and self.pipe.bridge.config.spatial:
+                return "emphasis"
+            if "local" in allowed:
+                return "local"
         if "sdedit" in allowed:
             return "sdedit"
-        return allowed[-1] if "reseed" in allowed else allowed[0]
+        if "reseed" in allowed:
+            return "reseed"
+        return "local" if "local" in allowed else None
 
     def _generate(self, cond, null, seeds: list[int], **kwargs) -> torch.Tensor:
         cfg = self.config
@@ -242,20 +326,46 @@ class Refiner:
                       guidance_scale=cfg.guidance_scale, generator=seeded_generators(seeds), progress=False,
                       **kwargs)  # fmt: skip
 
-    def _move(self, move: str, cond, null, best_latents, best: list[Round], plans: list[str],
-              seeds: list[int]) -> torch.Tensor:  # fmt: skip
+    def _move(self, move: str, cond, null, best_latents, trajs: list[Trajectory], seeds: list[int]) -> torch.Tensor:
         """One move for a group of trajectories; ``best_latents`` (G, C, h, w) are the latents of their best."""
         cfg = self.config
-        if move == "reseed":
+        if move in ("reseed", "revise"):
             return self._generate(cond, null, seeds)
+        if move == "emphasis":
+            return self._generate(self._emphasize(cond, trajs), null, seeds)
         if move == "sdedit":
             return self._generate(cond, null, seeds, init_latents=best_latents, strength=cfg.sdedit_strength)
         size = best_latents.shape[-2:]
-        keeps = [self._keep_mask(plan, r.critique, size) for plan, r in zip(plans, best)]
+        keeps = [self._keep_mask(t.current_plan, t.best_critique, size) for t in trajs]
         # no region to keep: edit the whole image (a keep mask of zeros blends nothing in)
         keep = torch.cat([torch.zeros(1, 1, *size) if k is None else k for k in keeps]).to(best_latents)
         return self._generate(cond, null, seeds, init_latents=best_latents, strength=cfg.local_strength,
                               keep_mask=keep)  # fmt: skip
+
+    def _emphasize(self, cond, trajs: list[Trajectory]):
+        """``cond`` with each trajectory's failing objects' region tokens scaled by ``emphasis_weight``."""
+        if callable(cond) and not isinstance(cond, Conditioning):
+            return lambda t, cond=cond: self._emphasize(cond(t), trajs)
+        if cond.regions is None:
+            return cond
+        weights = torch.ones(cond.tokens.shape[:2], dtype=cond.tokens.dtype, device=cond.tokens.device)
+        for j, traj in enumerate(trajs):
+            for k in self._failing_regions(traj):
+                weights[j][cond.regions.token_region[j] == k + 1] = self.config.emphasis_weight
+        return dataclasses.replace(cond, tokens=cond.tokens * weights[..., None])
+
+    def _failing_regions(self, traj: Trajectory) -> list[int]:
+        """Region indices (OBJECT entries of the plan as the bridge reads it) of the best round's failing
+        objects."""
+        plan = traj.current_plan
+        read = self.pipe.read_texts([traj.prompt], [plan])[1][0]
+        try:
+            mine = Plan.parse(plan).structured_objects(self.grammar)
+            theirs = [o.to_text() for o in Plan.parse(read).structured_objects(self.grammar)]
+        except (PlanError, AttributeError):  # free-text objects: nothing to match regions by
+            return []
+        return [theirs.index(mine[i].to_text()) for i in traj.best_critique.failing_objects()
+                if i < len(mine) and mine[i].to_text() in theirs]  # fmt: skip
 
     def _keep_mask(self, plan: str, crit: Critique, size) -> torch.Tensor | None:
         """(1, 1, h, w): 1 where a local edit keeps the latents, 0 where it redraws: the intended regions of the
@@ -290,9 +400,10 @@ class Refiner:
         return out
 
     # ------------------------------------------------------------------------------------------ critic
-    def _add(self, trajs: list[Trajectory], idx: list[int], move: str, seeds: list[int], cost: float, latents,
-             intended: list[Plan], timings: dict[str, float]) -> None:  # fmt: skip
-        """Decode a group's latents, let the critic read them, and append a round to each of its trajectories."""
+    def _add(self, trajs: list[Trajectory], state: _BatchState, idx: list[int], move: str, seeds: list[int],
+             cost: float, latents, timings: dict[str, float]) -> None:  # fmt: skip
+        """Decode a group's latents, let the critic read them against each trajectory's plan, and append a round
+        to each of its trajectories."""
         t0 = time.perf_counter()
         images = decode_latents(self.pipe.backbone.vae, latents)
         t1 = time.perf_counter()
@@ -301,9 +412,13 @@ class Refiner:
         share = {**timings, "decode": (t1 - t0) / len(idx), "critic": (t2 - t1) / len(idx)}
         for j, i in enumerate(idx):
             reading, note = readings[j]
-            crit = None if reading is None else critique(intended[i], reading, self.grammar)
+            plan = state.plans[i] or trajs[i].plan
+            crit = None if reading is None else critique(Plan.parse(plan), reading, self.grammar)
+            extra = {"revise": state.revise_seconds.pop(i)} if i in state.revise_seconds and move == "revise" else {}
             traj = trajs[i]
-            traj.rounds.append(Round(len(traj.rounds), move, seeds[j], cost, images[j], crit, dict(share), note))
+            traj.rounds.append(Round(len(traj.rounds), move, seeds[j], cost, images[j], crit, share | extra, note,
+                                     state.plans[i]))  # fmt: skip
+            state.latents[i].append(latents[j])
 
     def _read(self, images: np.ndarray) -> list[tuple[Plan | None, str | None]]:
         """The critic's reading of each image; where it fails, the images are read one by one, and an image it
@@ -316,22 +431,51 @@ class Refiner:
         return [self._read(images[j : j + 1])[0] for j in range(len(images))]
 
 
-@dataclass
 class _BatchState:
-    """Per trajectory of a batch: the latents of its best round, failed edits in a row, its next seed, done."""
+    """Per trajectory of a batch: every round's latents, failed edits in a row, its next seed, whether it stopped,
+    its plan and conditioning after a revision (None: the batch's), whether the reviser was asked and emphasis
+    tried, and a revised plan waiting to be drawn."""
 
-    best_latents: torch.Tensor  # (B, C, h, w)
-    fails: list[int]
-    next_seed: list[int]
-    stopped: list[bool]
+    def __init__(self, prompts: list[str], cond, next_seed: list[int], n: int):
+        self.prompts, self.cond, self.next_seed = prompts, cond, next_seed
+        self.latents: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self.fails, self.stopped = [0] * n, [False] * n
+        self.plans: list[str | None] = [None] * n
+        self.own_cond: dict[int, object] = {}
+        self.asked, self.emphasized = [False] * n, [False] * n
+        self.proposals: dict[int, tuple[str, object]] = {}
+        self.revise_seconds: dict[int, float] = {}
 
-    def record(self, idx: list[int], move: str, latents, before: list[float], after: list[float], stride: int):
-        for j, i in enumerate(idx):
-            self.next_seed[i] += stride
-            if after[j] > before[j]:
-                self.best_latents[i], self.fails[i] = latents[j], 0
+    def best_latents(self, trajs: list[Trajectory], idx: list[int]) -> torch.Tensor:
+        return torch.stack([self.latents[i][trajs[i].best.index] for i in idx])
+
+    def cond_rows(self, idx: list[int]):
+        """The conditioning of rows ``idx``: the batch's, with revised rows replaced by their own."""
+        if not any(i in self.own_cond for i in idx):
+            return _rows(self.cond, idx)
+        rows = [self.own_cond[i] if i in self.own_cond else _rows(self.cond, [i]) for i in idx]
+        if any(callable(r) and not isinstance(r, Conditioning) for r in rows):
+            return lambda t: Conditioning.cat([r(t) if not isinstance(r, Conditioning) else r for r in rows])
+        return Conditioning.cat(rows)
+
+    def commit(self, i: int, move: str) -> None:
+        """Trajectory ``i`` makes ``move`` next: a revision's plan and conditioning become its own."""
+        if move == "revise":
+            self.plans[i], self.own_cond[i] = self.proposals.pop(i)
+        elif move == "emphasis":
+            self.emphasized[i] = True
+
+    def record(self, trajs: list[Trajectory], idx: list[int], move: str, stride: int) -> None:
+        """After a move: the next seed (emphasis reuses the best round's seed and takes none), and the count of
+        failed edits (reset when the move made the best round, or when it was a fresh generation)."""
+        for i in idx:
+            if move != "emphasis":
+                self.next_seed[i] += stride
+            traj = trajs[i]
+            if traj.best is traj.rounds[-1]:
+                self.fails[i] = 0
             else:
-                self.fails[i] = self.fails[i] + 1 if move != "reseed" else 0
+                self.fails[i] = 0 if move in ("reseed", "revise") else self.fails[i] + 1
 
 
 def _rows(cond, idx: list[int]):

@@ -13,6 +13,7 @@ passed on silently.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,15 +93,17 @@ class Planner:
         dtype: torch.dtype | None = None,
         spec: PlanSpec | None = None,
         trust_remote_code: bool = False,
-        adapter: str | Path | None = None,
+        adapter: str | Path | Sequence[str | Path] | None = None,
         few_shot: bool = False,
     ) -> Planner:
         """Load any local causal LM (``local_files_only``; remote code only if asked), optionally 8/4-bit.
 
         ``adapter``: a peft LoRA adapter folder (``adapter_config.json`` + safetensors) trained on this LM,
         merged into the weights after loading (e.g. the toy planner's widened-grammar adapter); a tokenizer saved in
-        the adapter folder (planning tokens the LM lacked) replaces the LM's. ``few_shot``: worked example plans
-        before each request (`planner.tokens.FEW_SHOT_EXAMPLES`), for an instruct LM used without training.
+        the adapter folder (planning tokens the LM lacked) replaces the LM's. A list of adapters is merged in order
+        (e.g. the widened-grammar adapter, then the reviser's, trained on the merged writer). ``few_shot``: worked
+        example plans before each request (`planner.tokens.FEW_SHOT_EXAMPLES`), for an instruct LM used without
+        training.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,11 +128,12 @@ class Planner:
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, ImportError) as err:
             raise PlannerLoadError(f"could not load a causal LM from {path}: {err}") from None
-        if adapter is not None:
-            if (Path(adapter) / "tokenizer_config.json").is_file():  # saved with its planning tokens
-                tokenizer = AutoTokenizer.from_pretrained(str(adapter), local_files_only=True)
+        adapters = [] if adapter is None else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+        for one in adapters:
+            if (Path(one) / "tokenizer_config.json").is_file():  # saved with its planning tokens
+                tokenizer = AutoTokenizer.from_pretrained(str(one), local_files_only=True)
                 resize_with_mean_init(model, len(tokenizer))  # rows the adapter's trainable tokens overwrite
-            model = _merge_adapter(model, Path(adapter))
+            model = _merge_adapter(model, Path(one))
         if device is not None and not (load_in_8bit or load_in_4bit):
             model = model.to(device)
         return cls(model, tokenizer, spec, few_shot)

@@ -30,11 +30,13 @@ from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.pipeline import Plan2ImgPipeline
-from llm_bridge.refine import RefineConfig, Refiner, Round, best_of
+from llm_bridge.refine import RefineConfig, Refiner, Round, Trajectory, _BatchState, best_of
 from plan2img.cli import main
 from planner.critic import CriticError, PlanReader, critique
-from planner.planner import Planner
+from planner.planner import Planner, PlanResult
+from planner.reviser import PlanReviser, revision_request
 from planner.schema import IMG_BEGIN, Plan
+from safeio import InputError
 from toyworld import vocab as V
 from toyworld.data import build_dataset, load_dataset_dir
 
@@ -186,17 +188,104 @@ def test_local_edits_redraw_failing_objects_and_where_the_reading_puts_wrong_one
     assert (only_intended[core("top left")] == 1).any()  # without clear_found, the misplaced square stays
 
 
-def test_a_wrong_scene_field_gets_a_reseed_and_a_wrong_object_a_local_edit(world):
+def test_a_wrong_scene_field_gets_a_reseed_and_a_wrong_object_emphasis_then_a_local_edit(world):
     want = Plan.parse(WANT)
     dim = critique(want, Plan(**{**want.__dict__, "lighting": "dim light"}), G)
     assert [f.kind for f in dim.findings] == ["lighting"]
     moved = critique(want, plan("<OBJECT> 1 small red circle at right <OBJECT> 2 medium blue square at top right, "
                                 "bottom right"), G)  # fmt: skip
     image = np.zeros((8, 8, 3), np.uint8)
+    three = ("local", "sdedit", "reseed")
     for critic_says, on, off in ((dim, "reseed", "sdedit"), (moved, "local", "local")):
-        best = Round(0, "generate", 0, 1.0, image, critic_says)
-        assert _refiner(world)._choose(best, 0) == on
-        assert _refiner(world, scene_reseed=False)._choose(best, 0) == off
+        traj = Trajectory("p", WANT, [Round(0, "generate", 0, 1.0, image, critic_says)], G)
+        assert _refiner(world, moves=three)._choose(traj, _BatchState(["p"], None, [100], 1), 0) == on
+        assert _refiner(world, moves=three, scene_reseed=False)._choose(traj, _BatchState(["p"], None, [100], 1),
+                                                                        0) == off  # fmt: skip
+    traj = Trajectory("p", WANT, [Round(0, "generate", 0, 1.0, image, moved)], G)
+    state, refiner = _BatchState(["p"], None, [100], 1), _refiner(world)
+    assert refiner._choose(traj, state, 0) == "emphasis"  # tried once, before the local edits
+    state.commit(0, "emphasis")
+    assert refiner._choose(traj, state, 0) == "local"
+    assert _refiner(world, moves=("emphasis",))._choose(traj, state, 0) is None  # nothing left: the loop stops
+
+
+def test_emphasis_scales_only_the_failing_objects_tokens(world):
+    refiner = _refiner(world, emphasis_weight=2.0)
+    moved = critique(Plan.parse(WANT), plan("<OBJECT> 1 small red circle at left <OBJECT> 2 medium blue square at "
+                                            "top left, bottom right"), G)  # fmt: skip
+    assert moved.failing_objects() == [1]
+    traj = Trajectory("p", WANT, [Round(0, "generate", 0, 1.0, np.zeros((8, 8, 3), np.uint8), moved)], G)
+    cond, _ = refiner.pipe.conditioning_for(["p"], [WANT])
+    out = refiner._emphasize(cond, [traj])
+    region = refiner._failing_regions(traj)
+    assert len(region) == 1
+    hit = cond.regions.token_region[0] == region[0] + 1
+    assert hit.any() and (~hit).any()
+    torch.testing.assert_close(out.tokens[0][hit], 2.0 * cond.tokens[0][hit])
+    torch.testing.assert_close(out.tokens[0][~hit], cond.tokens[0][~hit])
+
+
+class FixedReviser(PlanReviser):
+    """A reviser that always answers ``answer`` (and records what it was asked)."""
+
+    def __init__(self, answer: str):
+        self.answer, self.asked = Plan.parse(answer), []
+
+    def revise(self, prompts, plans, critiques):
+        self.asked += list(zip(prompts, plans, critiques))
+        return [PlanResult(p, self.answer, self.answer.to_text(), [], "end") for p in prompts]
+
+
+def test_revise_draws_the_revised_plan_and_scores_every_round_against_it(world, tmp_path):
+    other = BASE.format(objs="<OBJECT> 1 large red circle at center")
+    reviser = FixedReviser(other)
+    refiner = _refiner(world, rounds=4, moves=("revise", "reseed"))
+    refiner.reviser = reviser
+    traj = refiner("two blue squares", seed=5, plan=WANT)
+    if traj.rounds[0].critique.ok:
+        pytest.skip("the tiny critic was satisfied by round 0: nothing to revise")
+    assert len(reviser.asked) == 1 and reviser.asked[0][1] == Plan.parse(WANT).to_text()
+    assert "Score" in reviser.asked[0][2]  # the critique text
+    assert traj.rounds[1].move == "revise" and traj.rounds[1].plan == Plan.parse(other).to_text()
+    assert traj.current_plan == Plan.parse(other).to_text() and traj.rounds[1].seed == 5 + 100
+    assert "revise" in traj.rounds[1].timings
+    assert {r.move for r in traj.rounds[2:]} <= {"reseed"}
+    rescored = traj.critique_of(traj.rounds[0])
+    assert rescored.intended.to_text() == traj.current_plan  # round 0 compared with the revised plan
+    assert traj.best.index == max(traj.rounds, key=lambda r: (traj.score_of(r), -r.index)).index
+    record = json.loads(traj.save(tmp_path / "s.png")[1].read_text())
+    assert record["final_plan"] == traj.current_plan and record["rounds"][1]["plan"] == traj.current_plan
+    assert record["rounds"][0]["plan"] == Plan.parse(WANT).to_text()
+    for rounds in (1, 2, 3):  # the prefix property holds through a revision
+        short = _refiner(world, rounds=rounds, moves=("revise", "reseed"))
+        short.reviser = FixedReviser(other)
+        got = short("two blue squares", seed=5, plan=WANT)
+        cut = traj.prefix(rounds)
+        assert [(r.move, r.seed) for r in got.rounds] == [(r.move, r.seed) for r in cut.rounds]
+        assert got.best.index == cut.best.index
+    same = _refiner(world, rounds=3, moves=("revise", "reseed"))
+    same.reviser = FixedReviser(WANT)  # a revision that says the same: no revise round, the other moves go on
+    assert "revise" not in {r.move for r in same("two blue squares", seed=5, plan=WANT).rounds}
+
+
+def test_a_tiny_planner_runs_as_reviser_through_the_loop(world):
+    refiner = _refiner(world, rounds=3)
+    refiner.reviser = PlanReviser(Planner.from_pretrained(world["planner"], spec=V.TOY_PLAN_SPEC))
+    traj = refiner("two blue squares", seed=5, plan=WANT)
+    assert 1 <= len(traj.rounds) <= 3 and traj.cost <= 3 + 1e-9
+    for r in traj.rounds[1:]:
+        assert r.move in {"revise", "emphasis", "local", "sdedit", "reseed"}
+        Plan.parse(r.plan or traj.plan)
+
+
+def test_revision_requests_carry_the_prompt_the_draft_and_the_critique():
+    text = revision_request("a red circle", WANT, "Score 0.50. missing: 1 red circle.")
+    assert text.startswith("a red circle | draft: style: plain background layout:")
+    assert IMG_BEGIN not in text and "<OBJECT>" not in text
+    assert text.endswith("critique: Score 0.50. missing: 1 red circle.")
+    assert revision_request("p", WANT, None).endswith("critique: The image matches the plan.")
+    with pytest.raises(InputError, match="one plan and one critique per prompt"):
+        PlanReviser(None).revise(["a"], [], [])
 
 
 def test_a_shorter_run_is_the_prefix_of_a_longer_one(world):
