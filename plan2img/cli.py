@@ -136,6 +136,31 @@ def _load_writer(args):
     return Planner.from_pretrained(writer, **kwargs)
 
 
+def _load_reviser(args):
+    """The planner LLM that revises plans in the refine loop (``revise``): ``--reviser`` (a planner folder, or a
+    LoRA adapter trained on the writer, merged over it), else the shipped toy reviser when the writer is the
+    shipped one; None with ``--reviser none`` or when there is no reviser."""
+    from planner.planner import Planner, is_adapter_dir
+    from planner.reviser import PlanReviser
+    from toyworld.pretrained import PRETRAINED_DIR
+
+    given, writer = getattr(args, "reviser", None), _writer_source(args)
+    if given == "none":
+        return None
+    if given is None:
+        shipped = PRETRAINED_DIR / "reviser"
+        if writer != str(PRETRAINED_DIR / "planner_wide") or not is_adapter_dir(shipped):
+            return None
+        given = str(shipped)
+    kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
+    if not is_adapter_dir(given):
+        return PlanReviser(Planner.from_pretrained(given, **kwargs))
+    if writer is not None and not is_adapter_dir(writer):  # a full writer folder: the adapter goes over it
+        return PlanReviser(Planner.from_pretrained(writer, adapter=given, **kwargs))
+    adapters = [writer, given] if writer is not None else [given]
+    return PlanReviser(Planner.from_pretrained(_pretrained("planner", args.llm), adapter=adapters, **kwargs))
+
+
 def _reading(args) -> dict:
     """What the bridge / native + layout read besides the plan (``--reads``): the plan's caption or the prompt."""
     from toyworld.grammar import plan_caption, reading_order_plan
@@ -210,7 +235,7 @@ def _critic_generator(args, generate, pipe, pairs):
         return [r.plan.to_text() for r in writer.plan(prompts)]
 
     if args.refine:
-        refiner = Refiner(pipe, critic, _refine_config(args, args.refine))
+        refiner = Refiner(pipe, critic, _refine_config(args, args.refine), reviser=_load_reviser(args))
 
         def refined(prompts, entries, seeds):
             out = []
@@ -489,12 +514,15 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
     prompt = check_prompt(args.prompt)
     _check_plan_option(args)
-    refiner = Refiner(_load_bridge_pipeline(args), _load_critic(args), _refine_config(args, args.rounds))
+    config = _refine_config(args, args.rounds)  # bad moves are reported before any model is loaded
+    refiner = Refiner(_load_bridge_pipeline(args), _load_critic(args), config, reviser=_load_reviser(args))
     traj = refiner(prompt, args.seed, args.plan)
     print(f"plan: {traj.plan}")
     for r in traj.rounds:
         t = ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())
         print(f"round {r.index}: {r.move} seed {r.seed}, score {r.score:.2f} ({t}) - {r.note or r.critique.text}")
+        if r.move == "revise":
+            print(f"  revised plan: {r.plan}")
     png, meta = traj.save(args.output, scale=args.scale)
     if args.pairs_out:
         from alignment.preference import PairWriter
@@ -517,7 +545,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def native(a):
         return TextToImagePipeline(_load_base(a.model))
 
-    models = Models(args, _load_bridge_pipeline, native, _load_critic)
+    models = Models(args, _load_bridge_pipeline, native, _load_critic, _load_reviser)
     limits = Limits(images=args.max_images, steps=args.max_steps)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)")
     serve(App(models, limits), host=args.host, port=args.port, example=args.example)
@@ -642,6 +670,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-in-8bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own code (off: safer)")
     p.add_argument("--free-plan", action="store_true", help="free-text plan fields instead of the toy vocabulary")
+
+
+MOVES_HELP = "refine moves, comma-separated, of local,sdedit,reseed,revise,emphasis (default: all)"
+REVISER_HELP = (
+    "plan reviser for the revise move: a planner folder or a LoRA adapter over the writer (default: the shipped "
+    "toy reviser with the shipped writer; 'none': no revise move)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -769,8 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pick", choices=["critic", "oracle"], default="critic",
                    help="who picks the best of K (oracle: the ShapesEval detector, an upper bound only)")  # fmt: skip
-    g.add_argument("--moves", default=None, help="refine moves, comma-separated (default: local,sdedit,reseed)")
+    g.add_argument("--moves", default=None, help=MOVES_HELP)
     g.add_argument("--critic", default=None, help="critic folder (default: the shipped toy critic)")
+    g.add_argument("--reviser", default=None, help=REVISER_HELP)
     g.add_argument("--pairs-out", default=None, help="write the critic-ranked preference pairs here")
     _add_sampling_args(ev)
     _add_model_args(ev)
@@ -781,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("prompt")
     ref.add_argument("-o", "--output", default="strip.png", help="the strip PNG (and .json beside it)")
     ref.add_argument("--rounds", type=_int_in(1, 16), default=4, help="at most this many rounds (and diffusion calls)")
-    ref.add_argument("--moves", default=None, help="allowed moves, comma-separated (default: local,sdedit,reseed)")
+    ref.add_argument("--moves", default=None, help=MOVES_HELP)
+    ref.add_argument("--reviser", default=None, help=REVISER_HELP)
     ref.add_argument("--plan", default=None, help="use this plan text instead of planning")
     ref.add_argument("--seed", type=SEED, default=0)
     ref.add_argument("--scale", type=_int_in(1, 16), default=4, help="upscaling of the images in the strip")
@@ -796,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     _add_spatial_args(srv)
     srv.add_argument("--critic", default=None, help="critic folder for refine (default: the shipped toy critic)")
+    srv.add_argument("--reviser", default=None, help=REVISER_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     srv.add_argument("--port", type=_int_in(1, 65535), default=7860)
     srv.add_argument("--max-images", type=_int_in(1, 64), default=8, help="images per request, at most")

@@ -48,12 +48,12 @@ class Models:
     """The models the UI serves, loaded once by the CLI's loaders (so ``--bridge``, ``--llm``, ... work as in
     `plan2img generate`); the native pipeline gets its own base, since the bridge patches its U-Net."""
 
-    def __init__(self, args: argparse.Namespace, load_bridge, load_native, load_critic):
+    def __init__(self, args: argparse.Namespace, load_bridge, load_native, load_critic, load_reviser=None):
         self.args = args
         self.bridge = load_bridge(args)
         self.native = load_native(args)
-        self._critic = None
-        self._load_critic = load_critic
+        self._critic = self._reviser = None
+        self._load_critic, self._load_reviser = load_critic, load_reviser
         self._critic_lock = threading.Lock()
 
     @property
@@ -62,6 +62,14 @@ class Models:
             if self._critic is None:
                 self._critic = self._load_critic(self.args)
             return self._critic
+
+    @property
+    def reviser(self):
+        """The plan reviser of the refine loop (None: no ``revise`` move), loaded on the first refine request."""
+        with self._critic_lock:
+            if self._reviser is None and self._load_reviser is not None:
+                self._reviser = self._load_reviser(self.args) or False
+            return self._reviser or None
 
 
 def _big(image: np.ndarray) -> Image.Image:
@@ -182,11 +190,14 @@ class App:
             raise gr.Error(f"Rounds must be 1 to {self.limits.rounds}, got {rounds}")
         ns = argparse.Namespace(sampler=sampler, steps=steps, guidance=guidance, moves=None)
         seed = self._seeds(seed, 1)[0]
-        traj = Refiner(self.models.bridge, self.models.critic, _refine_config(ns, rounds))(prompt, seed, plan)
+        refiner = Refiner(self.models.bridge, self.models.critic, _refine_config(ns, rounds), self.models.reviser)
+        traj = refiner(prompt, seed, plan)
         lines = [f"plan: {traj.plan}"]
         for r in traj.rounds:
             lines.append(f"round {r.index} ({r.move}, seed {r.seed}): score {r.score:.2f} - "
                          f"{r.note or (r.critique.text if r.critique else '')}")  # fmt: skip
+            if r.move == "revise":
+                lines.append(f"  revised plan: {r.plan}")
         lines.append(f"best: round {traj.best.index} (score {traj.best.score:.2f})")
         folder = _download_dir()
         png, meta = traj.save(folder / "strip.png", scale=SHOW_SCALE)

@@ -18,20 +18,17 @@ from pathlib import Path
 import torch
 
 from planner.planner import Planner, PlanResult
-from planner.schema import FIELD_TAGS, IMG_BEGIN, IMG_END, Plan, PlanSpec
+from planner.schema import IMG_BEGIN, IMG_END, Plan, PlanSpec
 from safeio import InputError
 
 MATCHES = "The image matches the plan."
 
 
 def draft_text(plan: Plan | str) -> str:
-    """A plan as the reviser reads it inside its request: the fields without the begin/end markers (the markers
-    mean "write a plan here" to a planner), field tags spelled as words (``STYLE: ...``)."""
+    """A plan as the reviser reads it inside its request: its tagged fields without the begin/end markers (those
+    mean "a plan starts / ends here" to a planner)."""
     text = plan.to_text() if isinstance(plan, Plan) else plan
-    text = text.replace(IMG_BEGIN, "").replace(IMG_END, "")
-    for name, tag in FIELD_TAGS.items():
-        text = text.replace(tag, f"{name.lower()}:")
-    return " ".join(text.split())
+    return " ".join(text.replace(IMG_BEGIN, "").replace(IMG_END, "").split())
 
 
 def revision_request(prompt: str, plan: Plan | str, critique_text: str | None) -> str:

@@ -42,7 +42,8 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
 from llm_bridge.refine import RefineConfig, Refiner, best_of
 from planner.critic import PlanReader, critique
-from planner.planner import Planner
+from planner.planner import Planner, is_adapter_dir
+from planner.reviser import PlanReviser
 from safeio import atomic_write_json
 from toyworld import vocab as V
 from toyworld.eval.metadata import limit_per_task, read_metadata
@@ -54,10 +55,10 @@ from toyworld.pretrained import pretrained_path
 def load_models(args):
     spec = V.TOY_PLAN_SPEC
     reader = Planner.from_pretrained(pretrained_path("planner"), spec=spec)
+    wide = pretrained_path("planner_wide")
     if args.writer:  # a planner folder (e.g. planner DPO's final/writer)
         writer = Planner.from_pretrained(args.writer, spec=spec)
     else:
-        wide = pretrained_path("planner_wide")
         writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=wide)
     backbone = load_backbone(pretrained_path("base"))
     if args.unet_dpo:
@@ -67,7 +68,12 @@ def load_models(args):
                             normalize_plan=reading_order_plan)  # fmt: skip
     critic = PlanReader.from_pretrained(args.critic or pretrained_path("critic"), spec=spec)
     native = TextToImagePipeline(load_backbone(pretrained_path("base")))  # its own U-Net: the bridge patches pipe's
-    return pipe, native, critic
+    reviser = None
+    if args.reviser:  # a LoRA adapter trained on the writer (scripts/train_reviser.py), merged over it
+        adapters = [wide, args.reviser] if not args.writer else [args.reviser]
+        base = args.writer if args.writer and not is_adapter_dir(args.writer) else pretrained_path("planner")
+        reviser = PlanReviser.from_pretrained(base, spec=spec, adapter=adapters)
+    return pipe, native, critic, reviser
 
 
 def jobs_of(entries: list[dict], n: int, per_batch: int):
@@ -106,14 +112,15 @@ def candidate_rows(system: str, generate, pipe, critic, entries, args, pairs: Pa
     return rows
 
 
-def refine_rows(pipe, critic, entries, args, pairs: PairWriter) -> tuple[dict[str, list[dict]], list]:
+def refine_rows(pipe, critic, reviser, entries, args, pairs: PairWriter) -> tuple[dict[str, list[dict]], list]:
     """Rows refine@k for each k of ``--refine``: one loop at the largest k, the smaller ones as its prefixes."""
     top = max(args.refine)
     config = RefineConfig(rounds=top, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
                           clear_found=not args.no_clear_found, scene_reseed=not args.no_scene_reseed,
                           **({"moves": tuple(args.moves.split(","))} if args.moves else {}))  # fmt: skip
-    refiner = Refiner(pipe, critic, config)
-    tag = " ".join(filter(None, [args.moves, "no-clear-found" if args.no_clear_found else "",
+    refiner = Refiner(pipe, critic, config, reviser=reviser)
+    tag = " ".join(filter(None, [args.moves, "reviser" if reviser else "",
+                                 "no-clear-found" if args.no_clear_found else "",
                                  "no-scene-reseed" if args.no_scene_reseed else ""]))  # fmt: skip
     tag = f" ({tag})" if tag else ""
     rows: dict[str, list[dict]] = {f"bridge refine@{k}{tag}": [] for k in sorted(args.refine)}
@@ -223,6 +230,7 @@ def main() -> None:
     p.add_argument("--systems", nargs="+", default=["bridge", "native"], choices=["bridge", "native"])
     p.add_argument("--bridge", default=None)
     p.add_argument("--critic", default=None)
+    p.add_argument("--reviser", default=None, help="a reviser LoRA adapter over the writer (enables the revise move)")
     p.add_argument("--writer", default=None, help="a planner folder that writes the plans (default: the shipped one)")
     p.add_argument("--unet-dpo", default=None, help="a DPO run's final/ folder: its U-Net LoRA, merged")
     p.add_argument("--sampler", default="dpm++2m")
@@ -232,18 +240,19 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     entries = limit_per_task(read_metadata(PACKAGE_METADATA[args.split]), args.limit_per_task)
-    pipe, native, critic = load_models(args)
+    pipe, native, critic, reviser = load_models(args)
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     generators = {"bridge": pipe.as_generator(**sampling), "native": native.as_generator(**sampling)}
     pairs, rows = PairWriter(), {}
-    suffix = "_".join(filter(None, [args.moves, "no_clear_found" if args.no_clear_found else "",
+    suffix = "_".join(filter(None, [args.moves, "reviser" if args.reviser else "",
+                                    "no_clear_found" if args.no_clear_found else "",
                                     "no_scene_reseed" if args.no_scene_reseed else ""]))  # fmt: skip
     suffix = "_" + suffix.replace(",", "_") if suffix else ""  # of this run's refine files
     if args.best_of:
         for system in args.systems:
             rows |= candidate_rows(system, generators[system], pipe, critic, entries, args, pairs)
     if args.refine:
-        refine, trajectories = refine_rows(pipe, critic, entries, args, pairs)
+        refine, trajectories = refine_rows(pipe, critic, reviser, entries, args, pairs)
         rows |= refine
         latency, moves = latency_and_moves(trajectories)
         atomic_write_json(out / f"latency{suffix}.json", latency)

@@ -336,6 +336,13 @@ CASES = [
         slow=True,
     ),  # fmt: skip
     Case(
+        "refine-reviser-missing",
+        ["refine", P, "--reviser", "{tmp}/noreviser", "-o", "{tmp}/strip.png"],
+        ("noreviser",),
+        slow=True,
+    ),  # fmt: skip
+    Case("refine-unknown-move", ["refine", P, "--moves", "reseed,teleport", "-o", "{tmp}/strip.png"], ("teleport",)),
+    Case(
         "refine-bad-plan",
         ["refine", P, "--plan", "<IMG_BEGIN> <OBJECT>", "-o", "{tmp}/strip.png"],
         ("plan",),

@@ -280,8 +280,8 @@ def test_a_tiny_planner_runs_as_reviser_through_the_loop(world):
 
 def test_revision_requests_carry_the_prompt_the_draft_and_the_critique():
     text = revision_request("a red circle", WANT, "Score 0.50. missing: 1 red circle.")
-    assert text.startswith("a red circle | draft: style: plain background layout:")
-    assert IMG_BEGIN not in text and "<OBJECT>" not in text
+    assert text.startswith("a red circle | draft: <STYLE> plain background <LAYOUT>")
+    assert IMG_BEGIN not in text and "<IMG_END>" not in text and "<OBJECT> 1 small red circle at left" in text
     assert text.endswith("critique: Score 0.50. missing: 1 red circle.")
     assert revision_request("p", WANT, None).endswith("critique: The image matches the plan.")
     with pytest.raises(InputError, match="one plan and one critique per prompt"):
@@ -374,7 +374,7 @@ def _models(world, saved):
 def test_cli_refine_writes_the_strip_its_json_and_a_pair(world, saved, tmp_path, capsys):
     out = tmp_path / "strip.png"
     args = ["refine", "two blue squares", "--rounds", "3", "-o", str(out), "--plan", WANT,
-            "--pairs-out", str(tmp_path / "pairs")]  # fmt: skip
+            "--pairs-out", str(tmp_path / "pairs"), "--reviser", str(world["planner"])]  # fmt: skip
     assert main(args + _models(world, saved)) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert 1 <= len(record["rounds"]) <= 3 and record["diffusion_calls"] <= 3
