@@ -141,6 +141,20 @@ class Trajectory:
         crit = self.best_critique
         return crit is not None and crit.ok
 
+    def plan_pair(self) -> tuple[str, str] | None:
+        """(chosen, rejected) plans when a revision ran: the plan whose images matched it better (each round scored
+        against the plan it was drawn from, the best round per plan), the other rejected; None without a
+        revision or on a tie."""
+        best: dict[str, float] = {}
+        for r in self.rounds:
+            plan = r.plan or self.plan
+            best[plan] = max(best.get(plan, -1.0), r.score)
+        if len(best) < 2:
+            return None
+        ranked = sorted(best.items(), key=lambda kv: kv[1])
+        (worst, lo), (top, hi) = ranked[0], ranked[-1]
+        return (top, worst) if hi > lo else None
+
     @property
     def cost(self) -> float:
         return sum(r.cost for r in self.rounds)

@@ -242,6 +242,8 @@ def _critic_generator(args, generate, pipe, pairs):
             for prompt, plan, seed in zip(prompts, intended(prompts, entries), seeds):
                 traj = refiner(prompt, seed, plan)
                 pairs.add_ranked(prompt, [r.image for r in traj.rounds], [r.score for r in traj.rounds])
+                if plan_pair := traj.plan_pair():
+                    pairs.add_plans(prompt, *plan_pair)
                 out.append(traj.best.image)
             return np.stack(out)
 
@@ -529,6 +531,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
         pairs = PairWriter()
         pairs.add_ranked(prompt, [r.image for r in traj.rounds], [r.score for r in traj.rounds])
+        if plan_pair := traj.plan_pair():
+            pairs.add_plans(prompt, *plan_pair)
         pairs.save(args.pairs_out)
     print(f"best: round {traj.best.index} (score {traj.best.score:.2f}); {traj.cost:.2f} diffusion calls; "
           f"wrote {png} and {meta}")  # fmt: skip

@@ -140,6 +140,8 @@ def refine_rows(pipe, critic, reviser, entries, args, pairs: PairWriter) -> tupl
             for k in sorted(args.refine):
                 rows[f"bridge refine@{k}{tag}"].append(score_image(entries[i], i, s, traj.prefix(k).best.image))
             pairs.add_ranked(traj.prompt, [r.image for r in traj.rounds], [r.score for r in traj.rounds])
+            if plan_pair := traj.plan_pair():
+                pairs.add_plans(traj.prompt, *plan_pair)
         bar.update(len(chunk))
     bar.close()
     return rows, trajectories

@@ -256,6 +256,10 @@ def test_revise_draws_the_revised_plan_and_scores_every_round_against_it(world, 
     record = json.loads(traj.save(tmp_path / "s.png")[1].read_text())
     assert record["final_plan"] == traj.current_plan and record["rounds"][1]["plan"] == traj.current_plan
     assert record["rounds"][0]["plan"] == Plan.parse(WANT).to_text()
+    own = {p: max(r.score for r in traj.rounds if (r.plan or traj.plan) == p) for p in (traj.plan, traj.current_plan)}
+    if own[traj.plan] != own[traj.current_plan]:  # the plan whose images matched it better is chosen
+        chosen, rejected = traj.plan_pair()
+        assert own[chosen] > own[rejected] and {chosen, rejected} == set(own)
     for rounds in (1, 2, 3):  # the prefix property holds through a revision
         short = _refiner(world, rounds=rounds, moves=("revise", "reseed"))
         short.reviser = FixedReviser(other)
@@ -265,7 +269,8 @@ def test_revise_draws_the_revised_plan_and_scores_every_round_against_it(world, 
         assert got.best.index == cut.best.index
     same = _refiner(world, rounds=3, moves=("revise", "reseed"))
     same.reviser = FixedReviser(WANT)  # a revision that says the same: no revise round, the other moves go on
-    assert "revise" not in {r.move for r in same("two blue squares", seed=5, plan=WANT).rounds}
+    unrevised = same("two blue squares", seed=5, plan=WANT)
+    assert "revise" not in {r.move for r in unrevised.rounds} and unrevised.plan_pair() is None
 
 
 def test_a_tiny_planner_runs_as_reviser_through_the_loop(world):
