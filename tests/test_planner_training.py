@@ -17,6 +17,7 @@ from alignment.planner_sft import (
 )
 from plan2img.cli import main
 from planner.planner import Planner, PlanResult
+from planner.reviser import PlanReviser, revision_request
 from planner.schema import PLANNING_TOKENS, Plan
 from toyworld import vocab as V
 from toyworld.data import build_dataset, fresh_examples, load_dataset_dir, make_prompt_example, wide_rows
@@ -163,3 +164,27 @@ def test_cli_plans_with_an_adapter_over_a_local_llm(tiny_data, tmp_path, capsys)
     adapter = train_planner(cfg)
     assert main(["plan", "a red circle", "--llm", str(raw), "--adapter", str(adapter), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plan"].startswith("<IMG_BEGIN>")
+
+
+def test_a_reviser_trains_on_extra_rows_alone_and_loads_as_a_second_adapter(tiny_data, tmp_path):
+    base = dict(data=str(tiny_data), vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                epochs=1, batch_size=16, save_steps=50, logging_steps=2)  # fmt: skip
+    planner = train_planner(PlannerTrainConfig(out=str(tmp_path / "p"), **base))
+    first = train_planner(PlannerTrainConfig(out=str(tmp_path / "a1"), **{**base, "init": str(planner),
+                                                                           "lora_rank": 2, "epochs": 1}))  # fmt: skip
+    gold = "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center <COLOR> red <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>"  # noqa: E501
+    rows = [(revision_request("a red circle", gold.replace("red", "blue"), None), gold)] * 8
+    with pytest.raises(ValueError, match="extra rows alone"):
+        train_planner(PlannerTrainConfig(out=str(tmp_path / "x"), **{**base, "data": None}), extra_rows=rows)
+    merged = Planner.from_pretrained(planner, adapter=first)
+    merged.save_pretrained(tmp_path / "writer")
+    cfg = PlannerTrainConfig(out=str(tmp_path / "rev"), **{**base, "data": None, "init": str(tmp_path / "writer"),
+                                                           "lora_rank": 2, "epochs": 2})  # fmt: skip
+    adapter = train_planner(cfg, extra_rows=rows)
+    logs = [json.loads(line) for line in (tmp_path / "rev" / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in rec for rec in logs)
+    reviser = PlanReviser.from_pretrained(planner, spec=V.TOY_PLAN_SPEC, adapter=[first, adapter])
+    out = reviser.revise(["a red circle"], [gold.replace("red", "blue")], ["Score 0.50. object 1 (circle) color."])
+    assert out[0].plan is not None and out[0].plan.is_valid(V.TOY_PLAN_SPEC)
+    with pytest.raises(Exception, match="adapter"):
+        Planner.from_pretrained(planner, adapter=[first, tmp_path / "nothing"])
