@@ -676,7 +676,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--free-plan", action="store_true", help="free-text plan fields instead of the toy vocabulary")
 
 
-MOVES_HELP = "refine moves, comma-separated, of local,sdedit,reseed,revise,emphasis (default: all)"
+MOVES_HELP = (
+    "refine moves, comma-separated, of local,sdedit,reseed,revise,emphasis (default: local,sdedit,reseed,revise; "
+    "revise runs only with a reviser)"
+)
 REVISER_HELP = (
     "plan reviser for the revise move: a planner folder or a LoRA adapter over the writer (default: the shipped "
     "toy reviser with the shipped writer; 'none': no revise move)"

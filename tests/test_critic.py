@@ -202,7 +202,8 @@ def test_a_wrong_scene_field_gets_a_reseed_and_a_wrong_object_emphasis_then_a_lo
         assert _refiner(world, moves=three, scene_reseed=False)._choose(traj, _BatchState(["p"], None, [100], 1),
                                                                         0) == off  # fmt: skip
     traj = Trajectory("p", WANT, [Round(0, "generate", 0, 1.0, image, moved)], G)
-    state, refiner = _BatchState(["p"], None, [100], 1), _refiner(world)
+    assert _refiner(world)._choose(traj, _BatchState(["p"], None, [100], 1), 0) == "local"  # emphasis is opt-in
+    state, refiner = _BatchState(["p"], None, [100], 1), _refiner(world, moves=("local", "emphasis", "reseed"))
     assert refiner._choose(traj, state, 0) == "emphasis"  # tried once, before the local edits
     state.commit(0, "emphasis")
     assert refiner._choose(traj, state, 0) == "local"
@@ -274,7 +275,7 @@ def test_revise_draws_the_revised_plan_and_scores_every_round_against_it(world, 
 
 
 def test_a_tiny_planner_runs_as_reviser_through_the_loop(world):
-    refiner = _refiner(world, rounds=3)
+    refiner = _refiner(world, rounds=3, moves=("local", "sdedit", "reseed", "revise", "emphasis"))
     refiner.reviser = PlanReviser(Planner.from_pretrained(world["planner"], spec=V.TOY_PLAN_SPEC))
     traj = refiner("two blue squares", seed=5, plan=WANT)
     assert 1 <= len(traj.rounds) <= 3 and traj.cost <= 3 + 1e-9
