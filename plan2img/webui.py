@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import tempfile
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ class Limits:
     images: int = MAX_IMAGES
     steps: int = MAX_STEPS
     rounds: int = MAX_ROUNDS
+    downloads: int = 64  # result folders kept for the download buttons (the oldest is removed first)
 
 
 class Models:
@@ -86,8 +89,31 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _download_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="plan2img-"))
+class Downloads:
+    """Files behind the download buttons: one folder per result under one temporary root, which is removed when
+    the server's process ends; only the newest ``keep`` folders stay, so a long-running server does not fill the
+    disk."""
+
+    def __init__(self, keep: int = 64):
+        if keep < 1:
+            raise ValueError(f"Downloads needs keep >= 1, got {keep}")
+        self.keep = keep
+        self._root = tempfile.TemporaryDirectory(prefix="plan2img-")
+        self._folders: deque[Path] = deque()
+        self._lock = threading.Lock()
+
+    @property
+    def root(self) -> Path:
+        return Path(self._root.name)
+
+    def new(self) -> Path:
+        """A fresh folder for one result (removing the oldest beyond ``keep``)."""
+        with self._lock:
+            folder = Path(tempfile.mkdtemp(dir=self._root.name))
+            self._folders.append(folder)
+            while len(self._folders) > self.keep:
+                shutil.rmtree(self._folders.popleft(), ignore_errors=True)
+        return folder
 
 
 class App:
@@ -96,6 +122,7 @@ class App:
     def __init__(self, models: Models, limits: Limits | None = None):
         self.models = models
         self.limits = limits or Limits()
+        self.downloads = Downloads(self.limits.downloads)
 
     # ------------------------------------------------------------------------------------------ checks
     def _prompt(self, prompt: str) -> str:
@@ -199,12 +226,12 @@ class App:
             if r.move == "revise":
                 lines.append(f"  revised plan: {r.plan}")
         lines.append(f"best: round {traj.best.index} (score {traj.best.score:.2f})")
-        folder = _download_dir()
+        folder = self.downloads.new()
         png, meta = traj.save(folder / "strip.png", scale=SHOW_SCALE)
         return Image.open(png), "\n".join(lines), str(png), str(meta)
 
     def _save(self, name: str, images: list[np.ndarray], meta: dict) -> tuple[str, str]:
-        folder = _download_dir()
+        folder = self.downloads.new()
         sheet = np.concatenate(images, axis=1)
         png = atomic_write_bytes(folder / f"{name}.png", _png_bytes(_big(sheet)))
         js = atomic_write_json(folder / f"{name}.json", meta)

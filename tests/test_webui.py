@@ -15,7 +15,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from diffusion_backbone.pipeline import TextToImagePipeline  # noqa: E402
 from plan2img.cli import _load_base, _load_bridge_pipeline, _load_critic, build_parser  # noqa: E402
-from plan2img.webui import App, Limits, Models, serve  # noqa: E402
+from plan2img.webui import App, Downloads, Limits, Models, serve  # noqa: E402
 from planner.schema import Plan  # noqa: E402
 from toyworld import vocab as V  # noqa: E402
 
@@ -101,3 +101,12 @@ def test_a_queued_job_can_be_cancelled_and_the_queue_goes_on(client):
     assert jobs[2].cancel()  # still waiting behind the others on the bridge's queue
     assert len(jobs[0].result()[0]) == 2 and len(jobs[1].result()[0]) == 2
     assert jobs[2].status().code.name in ("CANCELLED", "FINISHED") and jobs[2].status().success is not True
+
+
+def test_download_folders_are_capped_and_live_under_one_root():
+    downloads = Downloads(keep=2)
+    folders = [downloads.new() for _ in range(3)]
+    assert all(f.parent == downloads.root for f in folders)
+    assert not folders[0].exists() and folders[1].is_dir() and folders[2].is_dir()
+    with pytest.raises(ValueError, match="keep >= 1"):
+        Downloads(keep=0)
