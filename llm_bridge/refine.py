@@ -45,7 +45,7 @@ from diffusion_backbone.sampling import decode_latents, encode_images, sample
 from llm_bridge.layout import plan_region_masks
 from llm_bridge.pipeline import Plan2ImgPipeline
 from planner.critic import CriticError, Critique, PlanReader, critique
-from planner.reviser import PlanReviser
+from planner.reviser import PlanReviser, draft_text
 from planner.schema import ObjectGrammar, Plan, PlanError
 from safeio import InputError, atomic_write_bytes, atomic_write_json
 
@@ -571,6 +571,8 @@ def render_strip(traj: Trajectory, scale: int = 4, width_chars: int = 34) -> np.
         img = Image.fromarray(r.image).resize((r.image.shape[1] * scale, r.image.shape[0] * scale), Image.NEAREST)
         head = f"round {r.index}: {r.move} (seed {r.seed})" + ("  BEST" if r.index == traj.best.index else "")
         body = r.note or ("" if r.critique is None else r.critique.text)
+        if r.move == "revise" and r.plan:
+            body = f"revised plan: {draft_text(r.plan)}. {body}"
         lines = [head, f"score {r.score:.2f}"] + textwrap.wrap(body, width_chars)
         tiles.append((img, lines))
     line_h = 12
