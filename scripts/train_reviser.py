@@ -12,6 +12,12 @@ Rows are (request, plan) pairs, the request being `planner.reviser.revision_requ
   draft itself when it says the same (a right plan whose image failed is the U-Net's fault: the loop answers it
   with another move).
 
+``--balance`` adds, for every wrong draft, a row where that same draft is the right answer: a prompt said from
+the draft itself (the toy grammar's frames), the same critique (the chain draws from the plan's caption, so the
+image, and its reading, depend on the plan alone), answered by the draft. Without it, a draft's pattern (a
+stacked layout, two of one shape) tells the reviser that the draft is wrong without reading the prompt (measured:
+docs/results.md).
+
 The ShapesEval detector is never used. Training is `alignment.planner_sft.train_planner` (TRL ``SFTTrainer``,
 loss on the plan only) on the writer (shipped planner + widened-grammar adapter, merged), as a LoRA adapter.
 
@@ -43,7 +49,7 @@ from safeio import atomic_write_text
 from toyworld import vocab as V
 from toyworld.eval.metadata import read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, image_seed
-from toyworld.grammar import plan_caption, reading_order_plan
+from toyworld.grammar import caption_draw, plan_caption, reading_order_plan, render_prompt
 from toyworld.pretrained import pretrained_path
 from toyworld.scene import SceneSpec
 
@@ -142,6 +148,23 @@ def mine(args, rows_path: Path) -> list[dict]:
     return rows
 
 
+def balance(rows: list[dict], seed: int) -> list[dict]:
+    """For every wrong draft, a row whose prompt is said from the draft (so the draft is right) and whose target is
+    the draft itself."""
+    rng = np.random.default_rng(seed)
+    extra = []
+    for r in rows:
+        if r["draft_right"]:
+            continue
+        try:
+            draw, family = caption_draw(Plan.parse(r["draft"], V.TOY_PLAN_SPEC))
+        except (PlanError, ValueError):
+            continue
+        prompt = render_prompt(draw, family, rng)
+        extra.append({**r, "prompt": prompt, "draft_right": True, "target": r["draft"], "balanced": True})
+    return rows + extra
+
+
 def merged_writer(out: Path) -> Path:
     """The writer (shipped planner + widened-grammar adapter) merged and saved: the reviser's starting point."""
     path = out / "writer"
@@ -162,10 +185,13 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--balance", action="store_true", help="add a right-answer row for every wrong draft")
     p.add_argument("--ship", action="store_true", help="copy the adapter to toyworld/pretrained/reviser")
     args = p.parse_args()
     out = Path(args.out)
     rows = mine(args, out / "rows.jsonl")
+    if args.balance:
+        rows = balance(rows, args.seed)
     wrong = sum(not r["draft_right"] for r in rows)
     print(f"{len(rows)} rows: {wrong} drafts that say something else than the prompt's plan, "
           f"{sum(r['draft_right'] and not r['image_ok'] for r in rows)} right drafts whose image failed")  # fmt: skip
