@@ -18,6 +18,11 @@ image, and its reading, depend on the plan alone), answered by the draft. Withou
 stacked layout, two of one shape) tells the reviser that the draft is wrong without reading the prompt (measured:
 docs/results.md).
 
+``--replay N`` adds N rows of the writer's own widened-grammar training data (`toyworld.data.wide_rows`, the
+writer's seed) as drafts that are right and match their image: without them, LoRA training on training-family
+wordings alone wears away what the widened-grammar adapter taught (measured: the reviser turned "dimly lit" back
+into normal light).
+
 The ShapesEval detector is never used. Training is `alignment.planner_sft.train_planner` (TRL ``SFTTrainer``,
 loss on the plan only) on the writer (shipped planner + widened-grammar adapter, merged), as a LoRA adapter.
 
@@ -47,6 +52,7 @@ from planner.reviser import revision_request
 from planner.schema import Plan, PlanError
 from safeio import atomic_write_text
 from toyworld import vocab as V
+from toyworld.data import wide_rows
 from toyworld.eval.metadata import read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, image_seed
 from toyworld.grammar import caption_draw, plan_caption, reading_order_plan, render_prompt
@@ -186,6 +192,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--balance", action="store_true", help="add a right-answer row for every wrong draft")
+    p.add_argument("--replay", type=int, default=0, help="rows of the writer's widened-grammar data, kept as they are")
+    p.add_argument("--replay-seed", type=int, default=1, help="the seed the writer's widened-grammar rows used")
     p.add_argument("--ship", action="store_true", help="copy the adapter to toyworld/pretrained/reviser")
     args = p.parse_args()
     out = Path(args.out)
@@ -199,6 +207,8 @@ def main() -> None:
                              lr=args.lr, batch_size=32, lora_rank=args.rank, seed=args.seed, save_steps=100,
                              logging_steps=10)  # fmt: skip
     extra = [(revision_request(r["prompt"], r["draft"], r["critique"]), r["target"]) for r in rows]
+    replay = wide_rows(args.replay, args.replay_seed)
+    extra += [(revision_request(prompt, plan, None), plan) for prompt, plan in replay]
     adapter = train_planner(cfg, extra_rows=extra)
     print(f"reviser adapter: {adapter}")
     if args.ship:
