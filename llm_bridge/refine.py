@@ -14,8 +14,10 @@ Round 0 is a normal generation. Each later round starts from the best image so f
   above are not allowed, or when they have failed ``patience`` times in a row;
 - ``revise`` (with a `PlanReviser`): at a trajectory's first failed critique the planner LLM reads the prompt, the
   plan and the critique and writes a revised plan; if it says something else, a fresh generation from it with the
-  next seed (cost 1), and the revised plan is the trajectory's plan from then on (every round is scored against
-  it); if it says the same, the other moves go on;
+  next seed (cost 1), and the trajectory draws from the revised plan from then on; if it says the same, the other
+  moves go on. With ``revise_reference="original"`` (default) every round is still scored against the intended
+  plan, so the revision is a generation control; with ``"revised"`` the revised plan also becomes what the critic
+  scores against (measured: the LLM then wins by asking for less, docs/results.md);
 - ``emphasis``: the failing objects' conditioning tokens (their plan-grounded regions' tokens) scaled by
   ``emphasis_weight`` and the best round's seed generated again (cost 1): prompt weighting per object, as
   ``(red star:1.5)`` in AUTOMATIC1111; tried once per trajectory, before the local edits.
@@ -66,6 +68,7 @@ class RefineConfig:
     sdedit_strength: float = 0.5
     patience: int = 2  # failed edits in a row before a reseed
     emphasis_weight: float = 1.5  # scale of a failing object's conditioning tokens (``emphasis``)
+    revise_reference: str = "original"  # what rounds are scored against after a revision: "original" | "revised"
     clear_found: bool = True  # local edits also redraw where the reading puts extra or misplaced objects
     scene_reseed: bool = True  # a wrong style / lighting / camera is fixed by a reseed, not by an edit
     seed_stride: int = SEED_STRIDE  # the j-th new seed of a trajectory is ``seed + j * seed_stride`` (best-of-K's)
@@ -79,6 +82,8 @@ class RefineConfig:
             raise InputError(f"unknown or no refine moves {list(self.moves)}; known: {list(MOVES)}")
         if self.rounds < 1:
             raise InputError(f"rounds must be >= 1, got {self.rounds}")
+        if self.revise_reference not in ("original", "revised"):
+            raise InputError(f"revise_reference must be 'original' or 'revised', got {self.revise_reference!r}")
         if not self.emphasis_weight > 0:
             raise InputError(f"emphasis_weight must be > 0, got {self.emphasis_weight}")
 
@@ -93,7 +98,8 @@ class Round:
     critique: Critique | None
     timings: dict[str, float] = field(default_factory=dict)
     note: str | None = None  # e.g. why the critic's reading was replaced by a reseed
-    plan: str | None = None  # the plan this round drew and was critiqued against (None: the trajectory's)
+    plan: str | None = None  # the plan this round was critiqued against (None: the trajectory's)
+    drawn: str | None = None  # the plan it was drawn from, when a revision made that another one
 
     @property
     def score(self) -> float:
@@ -116,6 +122,13 @@ class Trajectory:
     def current_plan(self) -> str:
         """The plan the trajectory now aims at: the last round's (a ``revise`` round changes it)."""
         return (self.rounds[-1].plan if self.rounds else None) or self.plan
+
+    @property
+    def drawn_plan(self) -> str:
+        """The plan the trajectory now draws from (after a revision scored against the original plan, the revised
+        one)."""
+        last = self.rounds[-1] if self.rounds else None
+        return (last.drawn if last is not None and last.drawn else None) or self.current_plan
 
     def critique_of(self, r: Round) -> Critique | None:
         """``r``'s critique against the current plan (its own when it was drawn from that plan; else its reading
@@ -145,12 +158,13 @@ class Trajectory:
         return crit is not None and crit.ok
 
     def plan_pair(self) -> tuple[str, str] | None:
-        """(chosen, rejected) plans when a revision ran: the plan whose images matched it better (each round scored
-        against the plan it was drawn from, the best round per plan), the other rejected; None without a
-        revision or on a tie."""
+        """(chosen, rejected) plans when a revision ran: the plan drawn in the best-scoring rounds (the best round
+        per drawn plan, each scored against what its round was critiqued against: the intended plan, or with
+        ``revise_reference="revised"`` the revised one), the other rejected; None without a revision or on a
+        tie."""
         best: dict[str, float] = {}
         for r in self.rounds:
-            plan = r.plan or self.plan
+            plan = r.drawn or r.plan or self.plan
             best[plan] = max(best.get(plan, -1.0), r.score)
         if len(best) < 2:
             return None
@@ -191,6 +205,7 @@ class Trajectory:
                     "score": r.score,
                     "critique": None if r.critique is None else r.critique.to_dict(),
                     "plan": r.plan or self.plan,
+                    "drawn_plan": r.drawn or r.plan or self.plan,
                     "timings": r.timings,
                     "note": r.note,
                 }
@@ -268,7 +283,7 @@ class Refiner:
             if move is None or trajs[i].cost + self._cost(move) > budget + 1e-9:
                 state.stopped[i] = True
                 continue
-            state.commit(i, move)
+            state.commit(i, move, rescore=self.config.revise_reference == "revised")
             groups.setdefault(move, []).append(i)
         return groups
 
@@ -372,10 +387,10 @@ class Refiner:
         return dataclasses.replace(cond, tokens=cond.tokens * weights[..., None])
 
     def _failing_regions(self, traj: Trajectory) -> list[int]:
-        """Region indices (OBJECT entries of the plan as the bridge reads it) of the best round's failing
-        objects."""
+        """Region indices (OBJECT entries of the drawn plan as the bridge reads it) of the best round's failing
+        objects (those the drawn plan has)."""
         plan = traj.current_plan
-        read = self.pipe.read_texts([traj.prompt], [plan])[1][0]
+        read = self.pipe.read_texts([traj.prompt], [traj.drawn_plan])[1][0]
         try:
             mine = Plan.parse(plan).structured_objects(self.grammar)
             theirs = [o.to_text() for o in Plan.parse(read).structured_objects(self.grammar)]
@@ -434,7 +449,7 @@ class Refiner:
             extra = {"revise": state.revise_seconds.pop(i)} if i in state.revise_seconds and move == "revise" else {}
             traj = trajs[i]
             traj.rounds.append(Round(len(traj.rounds), move, seeds[j], cost, images[j], crit, share | extra, note,
-                                     state.plans[i]))  # fmt: skip
+                                     state.plans[i], state.drawn.get(i)))  # fmt: skip
             state.latents[i].append(latents[j])
 
     def _read(self, images: np.ndarray) -> list[tuple[Plan | None, str | None]]:
@@ -458,6 +473,7 @@ class _BatchState:
         self.latents: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self.fails, self.stopped = [0] * n, [False] * n
         self.plans: list[str | None] = [None] * n
+        self.drawn: dict[int, str] = {}  # a revised plan drawn but not scored against
         self.own_cond: dict[int, object] = {}
         self.asked, self.emphasized = [False] * n, [False] * n
         self.proposals: dict[int, tuple[str, object]] = {}
@@ -475,10 +491,15 @@ class _BatchState:
             return lambda t: Conditioning.cat([r(t) if not isinstance(r, Conditioning) else r for r in rows])
         return Conditioning.cat(rows)
 
-    def commit(self, i: int, move: str) -> None:
-        """Trajectory ``i`` makes ``move`` next: a revision's plan and conditioning become its own."""
+    def commit(self, i: int, move: str, rescore: bool = False) -> None:
+        """Trajectory ``i`` makes ``move`` next: a revision's conditioning becomes its own, and with ``rescore``
+        its plan too (what the critic scores against)."""
         if move == "revise":
-            self.plans[i], self.own_cond[i] = self.proposals.pop(i)
+            plan, self.own_cond[i] = self.proposals.pop(i)
+            if rescore:
+                self.plans[i] = plan
+            else:
+                self.drawn[i] = plan
         elif move == "emphasis":
             self.emphasized[i] = True
 
@@ -571,8 +592,8 @@ def render_strip(traj: Trajectory, scale: int = 4, width_chars: int = 34) -> np.
         img = Image.fromarray(r.image).resize((r.image.shape[1] * scale, r.image.shape[0] * scale), Image.NEAREST)
         head = f"round {r.index}: {r.move} (seed {r.seed})" + ("  BEST" if r.index == traj.best.index else "")
         body = r.note or ("" if r.critique is None else r.critique.text)
-        if r.move == "revise" and r.plan:
-            body = f"revised plan: {draft_text(r.plan)}. {body}"
+        if r.move == "revise" and (r.drawn or r.plan):
+            body = f"revised plan: {draft_text(r.drawn or r.plan)}. {body}"
         lines = [head, f"score {r.score:.2f}"] + textwrap.wrap(body, width_chars)
         tiles.append((img, lines))
     line_h = 12

@@ -214,6 +214,8 @@ def _refine_config(args, rounds: int):
 
     moves = tuple(m.strip() for m in args.moves.split(",")) if getattr(args, "moves", None) else None
     kwargs = {} if moves is None else {"moves": moves}
+    if getattr(args, "revise_reference", None):
+        kwargs["revise_reference"] = args.revise_reference
     return RefineConfig(rounds=rounds, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, **kwargs)
 
 
@@ -686,6 +688,12 @@ REVISER_HELP = (
 )
 
 
+REVISE_REFERENCE_HELP = (
+    "after a revision, score rounds against the original plan (default: the revision is a generation control) or "
+    "the revised one"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plan2img", description="LLM-planned image generation (toy world built in).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -814,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moves", default=None, help=MOVES_HELP)
     g.add_argument("--critic", default=None, help="critic folder (default: the shipped toy critic)")
     g.add_argument("--reviser", default=None, help=REVISER_HELP)
+    g.add_argument("--revise-reference", choices=["original", "revised"], default=None, help=REVISE_REFERENCE_HELP)
     g.add_argument("--pairs-out", default=None, help="write the critic-ranked preference pairs here")
     _add_sampling_args(ev)
     _add_model_args(ev)
@@ -826,6 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--rounds", type=_int_in(1, 16), default=4, help="at most this many rounds (and diffusion calls)")
     ref.add_argument("--moves", default=None, help=MOVES_HELP)
     ref.add_argument("--reviser", default=None, help=REVISER_HELP)
+    ref.add_argument("--revise-reference", choices=["original", "revised"], default=None, help=REVISE_REFERENCE_HELP)
     ref.add_argument("--plan", default=None, help="use this plan text instead of planning")
     ref.add_argument("--seed", type=SEED, default=0)
     ref.add_argument("--scale", type=_int_in(1, 16), default=4, help="upscaling of the images in the strip")

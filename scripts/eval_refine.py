@@ -116,10 +116,11 @@ def refine_rows(pipe, critic, reviser, entries, args, pairs: PairWriter) -> tupl
     """Rows refine@k for each k of ``--refine``: one loop at the largest k, the smaller ones as its prefixes."""
     top = max(args.refine)
     config = RefineConfig(rounds=top, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                          revise_reference=args.revise_reference,
                           clear_found=not args.no_clear_found, scene_reseed=not args.no_scene_reseed,
                           **({"moves": tuple(args.moves.split(","))} if args.moves else {}))  # fmt: skip
     refiner = Refiner(pipe, critic, config, reviser=reviser)
-    tag = " ".join(filter(None, [args.moves, "reviser" if reviser else "",
+    tag = " ".join(filter(None, [args.moves, f"reviser, {args.revise_reference} reference" if reviser else "",
                                  "no-clear-found" if args.no_clear_found else "",
                                  "no-scene-reseed" if args.no_scene_reseed else ""]))  # fmt: skip
     tag = f" ({tag})" if tag else ""
@@ -233,6 +234,8 @@ def main() -> None:
     p.add_argument("--bridge", default=None)
     p.add_argument("--critic", default=None)
     p.add_argument("--reviser", default=None, help="a reviser LoRA adapter over the writer (enables the revise move)")
+    p.add_argument("--revise-reference", choices=["original", "revised"], default="original",
+                   help="what rounds are scored against after a revision (RefineConfig.revise_reference)")  # fmt: skip
     p.add_argument("--writer", default=None, help="a planner folder that writes the plans (default: the shipped one)")
     p.add_argument("--unet-dpo", default=None, help="a DPO run's final/ folder: its U-Net LoRA, merged")
     p.add_argument("--sampler", default="dpm++2m")
@@ -246,7 +249,7 @@ def main() -> None:
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     generators = {"bridge": pipe.as_generator(**sampling), "native": native.as_generator(**sampling)}
     pairs, rows = PairWriter(), {}
-    suffix = "_".join(filter(None, [args.moves, "reviser" if args.reviser else "",
+    suffix = "_".join(filter(None, [args.moves, f"reviser_{args.revise_reference}" if args.reviser else "",
                                     "no_clear_found" if args.no_clear_found else "",
                                     "no_scene_reseed" if args.no_scene_reseed else ""]))  # fmt: skip
     suffix = "_" + suffix.replace(",", "_") if suffix else ""  # of this run's refine files

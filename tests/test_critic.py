@@ -237,41 +237,48 @@ class FixedReviser(PlanReviser):
         return [PlanResult(p, self.answer, self.answer.to_text(), [], "end") for p in prompts]
 
 
-def test_revise_draws_the_revised_plan_and_scores_every_round_against_it(world, tmp_path):
-    other = BASE.format(objs="<OBJECT> 1 large red circle at center")
+@pytest.mark.parametrize("reference", ["original", "revised"])
+def test_revise_draws_the_revised_plan_and_scores_against_the_chosen_reference(world, tmp_path, reference):
+    other, want = Plan.parse(BASE.format(objs="<OBJECT> 1 large red circle at center")).to_text(), Plan.parse(WANT)
     reviser = FixedReviser(other)
-    refiner = _refiner(world, rounds=4, moves=("revise", "reseed"))
+    refiner = _refiner(world, rounds=4, moves=("revise", "reseed"), revise_reference=reference)
     refiner.reviser = reviser
     traj = refiner("two blue squares", seed=5, plan=WANT)
     if traj.rounds[0].critique.ok:
         pytest.skip("the tiny critic was satisfied by round 0: nothing to revise")
-    assert len(reviser.asked) == 1 and reviser.asked[0][1] == Plan.parse(WANT).to_text()
+    assert len(reviser.asked) == 1 and reviser.asked[0][1] == want.to_text()
     assert "Score" in reviser.asked[0][2]  # the critique text
-    assert traj.rounds[1].move == "revise" and traj.rounds[1].plan == Plan.parse(other).to_text()
-    assert traj.current_plan == Plan.parse(other).to_text() and traj.rounds[1].seed == 5 + 100
-    assert "revise" in traj.rounds[1].timings
-    assert {r.move for r in traj.rounds[2:]} <= {"reseed"}
-    rescored = traj.critique_of(traj.rounds[0])
-    assert rescored.intended.to_text() == traj.current_plan  # round 0 compared with the revised plan
-    assert traj.best.index == max(traj.rounds, key=lambda r: (traj.score_of(r), -r.index)).index
+    assert traj.rounds[1].move == "revise" and traj.rounds[1].seed == 5 + 100 and "revise" in traj.rounds[1].timings
+    assert {r.move for r in traj.rounds[2:]} <= {"reseed"} and traj.drawn_plan == other
     record = json.loads(traj.save(tmp_path / "s.png")[1].read_text())
-    assert record["final_plan"] == traj.current_plan and record["rounds"][1]["plan"] == traj.current_plan
-    assert record["rounds"][0]["plan"] == Plan.parse(WANT).to_text()
-    own = {p: max(r.score for r in traj.rounds if (r.plan or traj.plan) == p) for p in (traj.plan, traj.current_plan)}
-    if own[traj.plan] != own[traj.current_plan]:  # the plan whose images matched it better is chosen
+    assert record["rounds"][0]["plan"] == want.to_text() and record["rounds"][1]["drawn_plan"] == other
+    if reference == "revised":  # the revised plan is what every round is scored against
+        assert traj.rounds[1].plan == other and traj.current_plan == other
+        assert traj.critique_of(traj.rounds[0]).intended.to_text() == other  # round 0 compared again
+        assert record["final_plan"] == other and record["rounds"][1]["plan"] == other
+    else:  # a generation control only: every round is scored against the intended plan
+        assert traj.rounds[1].drawn == other and traj.current_plan == want.to_text()
+        assert all(r.critique.intended == want for r in traj.rounds if r.critique is not None)
+        assert record["final_plan"] == want.to_text() and record["rounds"][1]["plan"] == want.to_text()
+    assert traj.best.index == max(traj.rounds, key=lambda r: (traj.score_of(r), -r.index)).index
+    drawn = [r.drawn or r.plan or traj.plan for r in traj.rounds]
+    own = {p: max(r.score for r, d in zip(traj.rounds, drawn) if d == p) for p in (want.to_text(), other)}
+    if len(set(own.values())) == 2:  # the plan drawn in the better-scoring rounds is chosen
         chosen, rejected = traj.plan_pair()
         assert own[chosen] > own[rejected] and {chosen, rejected} == set(own)
     for rounds in (1, 2, 3):  # the prefix property holds through a revision
-        short = _refiner(world, rounds=rounds, moves=("revise", "reseed"))
+        short = _refiner(world, rounds=rounds, moves=("revise", "reseed"), revise_reference=reference)
         short.reviser = FixedReviser(other)
         got = short("two blue squares", seed=5, plan=WANT)
         cut = traj.prefix(rounds)
         assert [(r.move, r.seed) for r in got.rounds] == [(r.move, r.seed) for r in cut.rounds]
         assert got.best.index == cut.best.index
-    same = _refiner(world, rounds=3, moves=("revise", "reseed"))
+    same = _refiner(world, rounds=3, moves=("revise", "reseed"), revise_reference=reference)
     same.reviser = FixedReviser(WANT)  # a revision that says the same: no revise round, the other moves go on
     unrevised = same("two blue squares", seed=5, plan=WANT)
     assert "revise" not in {r.move for r in unrevised.rounds} and unrevised.plan_pair() is None
+    with pytest.raises(InputError, match="revise_reference"):
+        RefineConfig(revise_reference="both")
 
 
 def test_a_tiny_planner_runs_as_reviser_through_the_loop(world):
