@@ -14,7 +14,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from diffusion_backbone.pipeline import TextToImagePipeline  # noqa: E402
-from plan2img.cli import _load_base, _load_bridge_pipeline, _load_critic, build_parser  # noqa: E402
+from plan2img.cli import _load_base, _load_bridge_pipeline, _load_critic, _load_reviser, build_parser  # noqa: E402
 from plan2img.webui import App, Downloads, Limits, Models, serve  # noqa: E402
 from planner.schema import Plan  # noqa: E402
 from toyworld import vocab as V  # noqa: E402
@@ -32,7 +32,8 @@ def _free_port() -> int:
 def client():
     port = _free_port()
     args = build_parser().parse_args(["serve", "--port", str(port)])
-    models = Models(args, _load_bridge_pipeline, lambda a: TextToImagePipeline(_load_base(a.model)), _load_critic)
+    models = Models(args, _load_bridge_pipeline, lambda a: TextToImagePipeline(_load_base(a.model)), _load_critic,
+                    _load_reviser)  # fmt: skip
     demo = serve(App(models, Limits(images=4, steps=50)), port=port, block=False)
     try:
         yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
