@@ -138,20 +138,14 @@ def _load_writer(args):
 
 def _load_reviser(args):
     """The planner LLM that revises plans in the refine loop (``revise``): ``--reviser`` (a planner folder, or a
-    LoRA adapter trained on the writer, merged over it), else the shipped toy reviser when the writer is the
-    shipped one; None with ``--reviser none`` or when there is no reviser."""
+    LoRA adapter trained on the writer, merged over it); None without ``--reviser`` (no toy reviser is shipped: the
+    trained ones made the loop worse, docs/results.md) or with ``--reviser none``."""
     from planner.planner import Planner, is_adapter_dir
     from planner.reviser import PlanReviser
-    from toyworld.pretrained import PRETRAINED_DIR
 
     given, writer = getattr(args, "reviser", None), _writer_source(args)
-    if given == "none":
+    if given in (None, "none"):
         return None
-    if given is None:
-        shipped = PRETRAINED_DIR / "reviser"
-        if writer != str(PRETRAINED_DIR / "planner_wide") or not is_adapter_dir(shipped):
-            return None
-        given = str(shipped)
     kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
     if not is_adapter_dir(given):
         return PlanReviser(Planner.from_pretrained(given, **kwargs))
@@ -526,7 +520,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         t = ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())
         print(f"round {r.index}: {r.move} seed {r.seed}, score {r.score:.2f} ({t}) - {r.note or r.critique.text}")
         if r.move == "revise":
-            print(f"  revised plan: {r.plan}")
+            print(f"  revised plan: {r.drawn or r.plan}")
     png, meta = traj.save(args.output, scale=args.scale)
     if args.pairs_out:
         from alignment.preference import PairWriter
@@ -683,8 +677,8 @@ MOVES_HELP = (
     "revise runs only with a reviser)"
 )
 REVISER_HELP = (
-    "plan reviser for the revise move: a planner folder or a LoRA adapter over the writer (default: the shipped "
-    "toy reviser with the shipped writer; 'none': no revise move)"
+    "plan reviser for the revise move: a planner folder or a LoRA adapter over the writer (default: none, no "
+    "revise move)"
 )
 
 

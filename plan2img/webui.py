@@ -224,7 +224,7 @@ class App:
             lines.append(f"round {r.index} ({r.move}, seed {r.seed}): score {r.score:.2f} - "
                          f"{r.note or (r.critique.text if r.critique else '')}")  # fmt: skip
             if r.move == "revise":
-                lines.append(f"  revised plan: {r.plan}")
+                lines.append(f"  revised plan: {r.drawn or r.plan}")
         lines.append(f"best: round {traj.best.index} (score {traj.best.score:.2f})")
         folder = self.downloads.new()
         png, meta = traj.save(folder / "strip.png", scale=SHOW_SCALE)

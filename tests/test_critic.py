@@ -390,7 +390,8 @@ def test_cli_refine_writes_the_strip_its_json_and_a_pair(world, saved, tmp_path,
     assert main(args + _models(world, saved)) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert 1 <= len(record["rounds"]) <= 3 and record["diffusion_calls"] <= 3
-    assert "best: round" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best: round" in printed and "revised plan: None" not in printed
     if (tmp_path / "pairs" / "images").is_dir():  # a pair exists unless every round scored the same
         pairs = datasets.load_from_disk(str(tmp_path / "pairs" / "images"))
         assert set(IMAGE_PAIR_COLUMNS) <= set(pairs.column_names)
