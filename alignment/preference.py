@@ -6,7 +6,8 @@ folders in the formats the preference trainers read:
 - plans in TRL's preference columns: ``prompt``, ``chosen``, ``rejected``.
 
 The labels come from the critic, never from the ShapesEval detector. A candidate set whose best and worst
-critic scores are equal gives no pair (a tie).
+critic scores are equal gives no pair (a tie); by default a set gives one pair, its best against its
+worst, and ``PairWriter(all_pairs=True)`` every pair whose scores differ.
 
 `load_preference_pairs` reads such pairs back, or Pick-a-Pic's own files (a local Parquet file or `datasets`
 folder), into the form the preference trainers use: ``caption``, ``image_w``, ``image_l``.
@@ -38,24 +39,33 @@ def _png(image: np.ndarray) -> bytes:
 
 
 class PairWriter:
-    """Collects pairs; `save` writes ``<folder>/images`` and ``<folder>/plans`` (each only when it has rows)."""
+    """Collects pairs; `save` writes ``<folder>/images`` and ``<folder>/plans`` (each only when it has rows).
 
-    def __init__(self):
+    ``all_pairs=False`` keeps one pair per ranked candidate set (its best against its worst); ``all_pairs=True``
+    keeps every pair of candidates whose critic scores differ (up to K(K-1)/2 per set, as Pick-a-Pic holds several
+    pairs per prompt), each ordered by score."""
+
+    def __init__(self, all_pairs: bool = False):
+        self.all_pairs = all_pairs
         self.image_rows: list[dict] = []
         self.plan_rows: list[dict] = []
 
     def add_ranked(self, caption: str, images, scores: list[float]) -> bool:
-        """The best against the worst of candidates ranked by critic score; False (no pair) on a tie."""
+        """Pairs from candidates ranked by critic score (see the class); False (no pair) when all scores tie."""
         scores = [float(s) for s in scores]
         if len(images) != len(scores):
             raise ValueError(f"{len(images)} images but {len(scores)} scores")
         if len(scores) < 2 or max(scores) == min(scores):
             return False
-        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        self.image_rows.append(
-            {"caption": caption, "jpg_0": _png(images[best]), "jpg_1": _png(images[worst]), "label_0": 1.0,
-             "label_1": 0.0, "are_different": True, "score_0": scores[best], "score_1": scores[worst]}
-        )  # fmt: skip
+        if self.all_pairs:
+            order = [(i, j) for i in range(len(scores)) for j in range(len(scores)) if scores[i] > scores[j]]
+        else:
+            order = [(int(np.argmax(scores)), int(np.argmin(scores)))]
+        for w, lo in order:
+            self.image_rows.append(
+                {"caption": caption, "jpg_0": _png(images[w]), "jpg_1": _png(images[lo]), "label_0": 1.0,
+                 "label_1": 0.0, "are_different": True, "score_0": scores[w], "score_1": scores[lo]}
+            )  # fmt: skip
         return True
 
     def add_plans(self, prompt: str, chosen: str, rejected: str) -> None:

@@ -227,6 +227,8 @@ def main() -> None:
         default=1.2,
         help="temperature of --plan-samples (the toy writer is peaked: at 1.0 its samples rarely differ)",
     )
+    p.add_argument("--all-pairs", action="store_true",
+                   help="every differently scored pair of a candidate set, not only its best against its worst")  # fmt: skip
     p.add_argument("--moves", default=None, help="refine moves, comma-separated (default: all)")
     p.add_argument("--no-clear-found", action="store_true", help="local edits redraw only the intended regions")
     p.add_argument("--no-scene-reseed", action="store_true", help="scene-field findings get edits, not a reseed")
@@ -248,7 +250,7 @@ def main() -> None:
     pipe, native, critic, reviser = load_models(args)
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     generators = {"bridge": pipe.as_generator(**sampling), "native": native.as_generator(**sampling)}
-    pairs, rows = PairWriter(), {}
+    pairs, rows = PairWriter(all_pairs=args.all_pairs), {}
     suffix = "_".join(filter(None, [args.moves, f"reviser_{args.revise_reference}" if args.reviser else "",
                                     "no_clear_found" if args.no_clear_found else "",
                                     "no_scene_reseed" if args.no_scene_reseed else ""]))  # fmt: skip

@@ -446,6 +446,21 @@ def test_cli_dpo_trains_a_unet_lora_on_pairs_and_generate_merges_it(world, saved
     assert main(["dpo", "--config", str(config), "--set", "beta_typo=1"]) == 2
 
 
+def test_all_pairs_keeps_every_differently_scored_pair_ordered_by_score():
+    img = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (10, 20, 30, 40)])
+    writer = PairWriter(all_pairs=True)
+    assert writer.add_ranked("p", img, [0.5, 0.9, 0.5, 0.1])  # one tie (0 and 2): 6 - 1 = 5 pairs
+    assert not writer.add_ranked("tie", img, [0.3] * 4)
+    got = sorted((r["score_0"], r["score_1"]) for r in writer.image_rows)
+    assert got == sorted([(0.9, 0.5), (0.9, 0.5), (0.9, 0.1), (0.5, 0.1), (0.5, 0.1)])
+    for r in writer.image_rows:  # the winner's image is the higher-scored candidate's
+        w = np.asarray(Image.open(io.BytesIO(r["jpg_0"])))[0, 0, 0]
+        assert {10: 0.5, 20: 0.9, 30: 0.5, 40: 0.1}[int(w)] == pytest.approx(r["score_0"])
+    one = PairWriter()
+    assert one.add_ranked("p", img, [0.5, 0.9, 0.5, 0.1]) and len(one.image_rows) == 1
+    assert (one.image_rows[0]["score_0"], one.image_rows[0]["score_1"]) == pytest.approx((0.9, 0.1))
+
+
 def test_preference_pairs_keep_the_columns_and_drop_ties(tmp_path):
     writer = PairWriter()
     img = np.zeros((2, 8, 8, 3), np.uint8)
