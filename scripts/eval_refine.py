@@ -227,8 +227,11 @@ def main() -> None:
         default=1.2,
         help="temperature of --plan-samples (the toy writer is peaked: at 1.0 its samples rarely differ)",
     )
-    p.add_argument("--all-pairs", action="store_true",
-                   help="every differently scored pair of a candidate set, not only its best against its worst")  # fmt: skip
+    p.add_argument(
+        "--all-pairs",
+        action="store_true",
+        help="every differently scored pair of a candidate set, not only its best against its worst",
+    )
     p.add_argument("--moves", default=None, help="refine moves, comma-separated (default: all)")
     p.add_argument("--no-clear-found", action="store_true", help="local edits redraw only the intended regions")
     p.add_argument("--no-scene-reseed", action="store_true", help="scene-field findings get edits, not a reseed")
