@@ -288,10 +288,15 @@ def image_resolution(unet, vae) -> int:
     return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def split_pairs(n: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    k = int(round(heldout_fraction * n))
-    return np.sort(perm[k:]), np.sort(perm[:k])
+def split_pairs(captions: list[str], heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the training and held-out pairs, split by caption: every pair of a caption lands on the same
+    side, so pairs mined from one candidate set (``PairWriter(all_pairs=True)``) never straddle the split. With one
+    pair per caption this is a plain random split of the rows."""
+    groups = list(dict.fromkeys(captions))
+    perm = np.random.default_rng(seed).permutation(len(groups))
+    held = {groups[i] for i in perm[: int(round(heldout_fraction * len(groups)))]}
+    is_held = np.array([c in held for c in captions], dtype=bool)
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 @torch.no_grad()
@@ -324,7 +329,7 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     Returns the exported folder ``cfg.out/final`` (``unet_dpo.safetensors`` and/or ``bridge/``), or the
     checkpoint when stopped early."""
     pairs = load_preference_pairs(cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed)
-    train_idx, held_idx = split_pairs(len(pairs), cfg.heldout_fraction, cfg.seed)
+    train_idx, held_idx = split_pairs(list(pairs["caption"]), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
         raise InputError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "
                          f"({cfg.batch_size})")  # fmt: skip

@@ -26,6 +26,7 @@ from alignment.dpo import (
     dpo_step_losses,
     load_unet_dpo,
     pair_errors,
+    split_pairs,
     train_unet_dpo,
 )
 from alignment.loop import make_optimizer
@@ -140,6 +141,16 @@ def _pickapic(path, rows):
     )
     pq.write_table(table, path)
     return path
+
+
+def test_split_pairs_keeps_a_captions_pairs_on_one_side():
+    captions = [f"prompt {i // 3}" for i in range(60)]  # 20 captions, 3 pairs each
+    train, held = split_pairs(captions, 0.25, seed=0)
+    assert len(held) == 15 and sorted(np.concatenate([train, held]).tolist()) == list(range(60))
+    assert not {captions[i] for i in train} & {captions[i] for i in held}
+    unique = [f"prompt {i}" for i in range(40)]  # one pair per caption: a random split of the rows
+    assert len(split_pairs(unique, 0.1, seed=0)[1]) == 4
+    assert split_pairs(unique, 0.1, seed=0)[1].tolist() == sorted(np.random.default_rng(0).permutation(40)[:4])
 
 
 def test_pickapic_pairs_load_with_ties_and_duplicates_dropped_and_counted(tmp_path):
