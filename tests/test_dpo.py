@@ -376,3 +376,27 @@ def test_connector_dpo_reference_uses_the_frozen_time_modulation_inside_the_unet
     assert unet.class_embedding is live
     with FixedConditioning(None).as_reference(unet):
         assert unet.class_embedding is live
+
+
+def test_error_split_counts_images_by_whether_the_writer_plans_their_prompt_right(tmp_path):
+    red = "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center "
+    red += "<COLOR> red <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>"
+    meta = tmp_path / "metadata.jsonl"  # the writer plans "a red circle" right; "a blue square" is not a red circle
+    entry = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "plan": red}
+    meta.write_text("".join(json.dumps(entry | {"prompt": q}) + "\n" for q in ("a red circle", "a blue square")))
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [("a red circle", True), ("a red circle", False), ("a blue square", True), ("a blue square", False),
+            ("a blue square", False)]  # fmt: skip
+    (run / "results.jsonl").write_text("".join(json.dumps({"prompt": q, "correct": c}) + "\n" for q, c in rows))
+    script = Path(__file__).parent.parent / "scripts" / "error_split.py"
+    out = tmp_path / "split.json"
+    done = subprocess.run([sys.executable, str(script), f"x={run}", "--metadata", str(meta), "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    got = json.loads(out.read_text())
+    assert got["writer_right_prompts"] == 1 and got["prompts"] == 2
+    row = got["rows"]["x"]
+    assert (row["plan_right_correct"], row["plan_right_images"]) == (1, 2)
+    assert (row["plan_wrong_correct"], row["plan_wrong_images"]) == (1, 3)
+    assert row["accuracy"] == pytest.approx(2 / 5) and row["image_side_ceiling"] == pytest.approx(3 / 5)
