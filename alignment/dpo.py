@@ -294,7 +294,10 @@ def split_pairs(captions: list[str], heldout_fraction: float, seed: int) -> tupl
     pair per caption this is a plain random split of the rows."""
     groups = list(dict.fromkeys(captions))
     perm = np.random.default_rng(seed).permutation(len(groups))
-    held = {groups[i] for i in perm[: int(round(heldout_fraction * len(groups)))]}
+    k = int(round(heldout_fraction * len(groups)))
+    if heldout_fraction > 0 and len(groups) > 1:
+        k = max(k, 1)  # a held-out caption whenever one is asked for and one can be spared
+    held = {groups[i] for i in perm[:k]}
     is_held = np.array([c in held for c in captions], dtype=bool)
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 

@@ -148,6 +148,7 @@ def test_split_pairs_keeps_a_captions_pairs_on_one_side():
     train, held = split_pairs(captions, 0.25, seed=0)
     assert len(held) == 15 and sorted(np.concatenate([train, held]).tolist()) == list(range(60))
     assert not {captions[i] for i in train} & {captions[i] for i in held}
+    assert len(split_pairs(["a", "a", "b", "b"], 0.25, seed=0)[1]) == 2  # one caption held out, not none
     unique = [f"prompt {i}" for i in range(40)]  # one pair per caption: a random split of the rows
     assert len(split_pairs(unique, 0.1, seed=0)[1]) == 4
     assert split_pairs(unique, 0.1, seed=0)[1].tolist() == sorted(np.random.default_rng(0).permutation(40)[:4])
