@@ -235,6 +235,11 @@ def critique(intended: Plan, reading: Plan, grammar: ObjectGrammar | None = None
     return Critique(intended, reading, findings + obj_findings, checks + obj_checks, failed + obj_failed, objects)
 
 
+def says_the_same(intended: Plan, plan: Plan | None, grammar: ObjectGrammar | None = None) -> bool:
+    """Whether ``plan`` (None: no plan) says what ``intended`` says: `critique` finds nothing."""
+    return plan is not None and critique(intended, plan, grammar).ok
+
+
 def _compare_objects(want: list[PlanObject], got: list[PlanObject]) -> tuple[list[Finding], int, int]:
     """Greedy matching: each intended object takes the unmatched read object of its name that agrees on most
     attributes; what stays unmatched is missing or extra. Returns (findings, checks, failed checks)."""

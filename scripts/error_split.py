@@ -1,7 +1,7 @@
 """Where a ShapesEval row's errors are: images whose prompt the shipped writer plans right, and the rest.
 
 The writer's greedy plan of every prompt a run scored is compared with the prompt's plan in the metadata (used only
-to score, as `scripts/eval_reviser.py` does: *right* when `planner.critic.critique` finds nothing). A move that
+to score, as `scripts/eval_reviser.py` does: *right* by `planner.critic.says_the_same`). A move that
 works on the image side (picking, refining or tuning the U-Net / connector under the writer's plan) can at best
 make every plan-right image right; its ceiling is ``(plan-right images + right plan-wrong images) / images``.
 
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from planner.critic import critique
+from planner.critic import says_the_same
 from planner.planner import Planner
 from planner.schema import Plan
 from safeio import atomic_write_json
@@ -29,7 +29,7 @@ def writer_right(prompts: list[str], gold: list[str]) -> list[bool]:
     spec = V.TOY_PLAN_SPEC
     writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide"))
     plans = [r.plan for r in writer.plan(prompts)]
-    return [p is not None and critique(Plan.parse(g, spec), p, V.OBJECT_GRAMMAR).ok for p, g in zip(plans, gold)]
+    return [says_the_same(Plan.parse(g, spec), p, V.OBJECT_GRAMMAR) for p, g in zip(plans, gold)]
 
 
 def split_row(results: list[dict], right: dict[str, bool]) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from planner.critic import critique
+from planner.critic import says_the_same
 from planner.planner import Planner
 from planner.reviser import MATCHES, PlanReviser
 from planner.schema import Plan
@@ -23,10 +23,6 @@ from toyworld import vocab as V
 from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA
 from toyworld.pretrained import pretrained_path
-
-
-def right(gold: Plan, plan: Plan | None) -> bool:
-    return plan is not None and critique(gold, plan, V.OBJECT_GRAMMAR).ok
 
 
 def main() -> None:
@@ -52,7 +48,7 @@ def main() -> None:
     examples = []
     for e, d, r in zip(entries, drafts, revised):
         gold = Plan.parse(e["plan"], spec)
-        a, b = right(gold, d), right(gold, r)
+        a, b = says_the_same(gold, d, V.OBJECT_GRAMMAR), says_the_same(gold, r, V.OBJECT_GRAMMAR)
         for key in (e["tag"], "overall"):
             c = counts[key]
             c["n"] += 1
