@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 from safeio import InputError
 
 PARAMETER_GROUPS = ("connector", "llm_top", "unet_cross_attn")
+_PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass
@@ -157,6 +159,14 @@ def _type_ok(value, hint) -> bool:
     return True
 
 
+def _yaml11_number(value, hint):
+    """``"3e-4"`` as 3e-4 where a float is due: YAML 1.1 (PyYAML) reads exponents without a dot as strings."""
+    wants_float = hint is float or float in typing.get_args(hint)
+    if wants_float and isinstance(value, str) and _PLAIN_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def build_config(cls, data: dict, where: str):
     """``cls(**data)``, naming the keys ``cls`` does not know and the values of the wrong type (a number where a
     word is due, NaN or inf, a list where a number is due)."""
@@ -165,6 +175,7 @@ def build_config(cls, data: dict, where: str):
     if unknown:
         raise InputError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
+    data = {key: _yaml11_number(value, hints[key]) for key, value in data.items()}
     for key, value in data.items():
         if not _type_ok(value, hints[key]):
             shown = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")

@@ -297,6 +297,16 @@ def test_bad_configs_name_the_problem(change, words):
         config_from_dict(base)
 
 
+def test_yaml_exponent_strings_read_as_floats_and_words_still_refused():
+    """PyYAML reads ``3e-4`` (no dot) as a string; a float field takes it as the number it is."""
+    base = {"stages": {"A": {"train": ["connector"], "lr": "3e-4"}}, "curriculum": ["A"]}
+    assert config_from_dict(base).stages["A"].lr == pytest.approx(3e-4)
+    for word in ("fast", "nan", "1e999"):
+        base["stages"]["A"]["lr"] = word
+        with pytest.raises(ValueError, match="lr must be float"):
+            config_from_dict(base)
+
+
 class _AllNaN:
     """A cache column whose rows read as NaN (the cache on disk is memory-mapped, not written to)."""
 
