@@ -169,6 +169,7 @@ class DPOTrainConfig:
     max_steps: int = 300
     warmup: int = 20
     heldout_fraction: float = 0.1  # pairs kept out for implicit accuracy and the drift of the diffusion loss
+    min_score_gap: float = 0.0  # > 0: only pairs whose labeller scores (score_0/score_1) differ by this much
     bf16: bool = False
     grad_clip: float | None = 1.0
     seed: int = 0
@@ -183,6 +184,8 @@ class DPOTrainConfig:
             raise InputError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise InputError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not self.min_score_gap >= 0.0:
+            raise InputError(f"min_score_gap must be >= 0 (in the labeller's score units), got {self.min_score_gap}")
         check_positive("DPO config", beta=self.beta, lr=self.lr, batch_size=self.batch_size,
                        max_steps=self.max_steps, lora_rank=self.lora_rank, log_every=self.log_every)  # fmt: skip
 
@@ -331,7 +334,8 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     builds the captions' conditioning once: `FixedConditioning` (U-Net LoRA only) or `ConnectorConditioning`.
     Returns the exported folder ``cfg.out/final`` (``unet_dpo.safetensors`` and/or ``bridge/``), or the
     checkpoint when stopped early."""
-    pairs = load_preference_pairs(cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed)
+    pairs = load_preference_pairs(cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed,
+                                  min_score_gap=cfg.min_score_gap)  # fmt: skip
     train_idx, held_idx = split_pairs(list(pairs["caption"]), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
         raise InputError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "

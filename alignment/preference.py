@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from pathlib import Path
 
 import datasets
@@ -95,6 +96,17 @@ def _save(ds: datasets.Dataset, folder: Path) -> None:
         ds.save_to_disk(str(tmp))
 
 
+def _score_gaps(ds, columns: tuple[str, str], path) -> list[float]:
+    """``|score_0 - score_1|`` per row; a missing or non-finite score is a `DataPrepError` naming row and column."""
+    gaps = []
+    for i, pair in enumerate(zip(ds[columns[0]], ds[columns[1]])):
+        for column, value in zip(columns, pair):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DataPrepError(f"preference data {path}, row {i}: {column} is {value!r}, not a finite number")
+        gaps.append(abs(float(pair[0]) - float(pair[1])))
+    return gaps
+
+
 def load_preference_pairs(
     path: str | Path,
     *,
@@ -104,6 +116,8 @@ def load_preference_pairs(
     image_columns: tuple[str, str] = ("jpg_0", "jpg_1"),
     label_column: str = "label_0",
     seed: int = 0,
+    min_score_gap: float = 0.0,
+    score_columns: tuple[str, str] = ("score_0", "score_1"),
     with_report: bool = False,
 ):
     """Image preference pairs in Pick-a-Pic's format, as a `datasets.Dataset` with ``caption``, ``image_w`` (the
@@ -114,18 +128,24 @@ def load_preference_pairs(
     ``label_0`` (1: ``jpg_0`` preferred, 0: ``jpg_1`` preferred, 0.5: a tie). Dropped, and counted in the report
     (logged; returned too with ``with_report=True``): ties, rows with ``are_different == False``, and rows with an
     empty caption. A missing column, a label outside [0, 1] or an unreadable image is a `DataPrepError` naming
-    the file, row and column."""
+    the file, row and column.
+
+    ``min_score_gap > 0`` keeps only pairs whose labeller scores (``score_columns``, as AI-feedback miners such as
+    ``PairWriter`` write them) differ by at least that much; the rest are counted as ``small_gap``. Pick-a-Pic has
+    no scores: asking for a gap there is an error naming the missing column."""
     if resolution < 8:
         raise DataPrepError(f"resolution must be >= 8, got {resolution}")
     ds = read_source(path)
-    for column in (caption_column, *image_columns, label_column):
+    needed = (caption_column, *image_columns, label_column, *(score_columns if min_score_gap > 0 else ()))
+    for column in needed:
         if column not in ds.column_names:
             raise DataPrepError(f"preference data {path} has no column {column!r} (columns: {ds.column_names})")
     labels = ds[label_column]
     different = ds["are_different"] if "are_different" in ds.column_names else [True] * len(ds)
-    report = {"rows": len(ds), "ties": 0, "not_different": 0, "empty_caption": 0}
+    gaps = _score_gaps(ds, score_columns, path) if min_score_gap > 0 else [np.inf] * len(ds)
+    report = {"rows": len(ds), "ties": 0, "not_different": 0, "empty_caption": 0, "small_gap": 0}
     kept = []
-    for i, (label, diff, caption) in enumerate(zip(labels, different, ds[caption_column])):
+    for i, (label, diff, caption, gap) in enumerate(zip(labels, different, ds[caption_column], gaps)):
         if label is None or float(label) not in (0.0, 0.5, 1.0):
             raise DataPrepError(f"preference data {path}, row {i}: {label_column} is {label!r}, not 0, 1 or 0.5")
         if diff is False:
@@ -134,6 +154,8 @@ def load_preference_pairs(
             report["ties"] += 1
         elif not (caption or "").strip():
             report["empty_caption"] += 1
+        elif gap < min_score_gap:
+            report["small_gap"] += 1
         else:
             kept.append(i)
     report["kept"] = len(kept)

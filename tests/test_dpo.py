@@ -164,7 +164,7 @@ def test_pickapic_pairs_load_with_ties_and_duplicates_dropped_and_counted(tmp_pa
         ("  ", red, blue, 1.0, True),             # dropped: empty caption
     ])  # fmt: skip
     pairs, report = alignment.load_preference_pairs(path, resolution=16, with_report=True)
-    assert report == {"rows": 5, "ties": 1, "not_different": 1, "empty_caption": 1, "kept": 2}
+    assert report == {"rows": 5, "ties": 1, "not_different": 1, "empty_caption": 1, "small_gap": 0, "kept": 2}
     assert pairs.column_names == ["caption", "image_w", "image_l"] and pairs["caption"] == [
         "a red thing",
         "a blue thing",
@@ -176,6 +176,27 @@ def test_pickapic_pairs_load_with_ties_and_duplicates_dropped_and_counted(tmp_pa
     folder = tmp_path / "saved"
     alignment.load_preference_pairs(path, resolution=16).save_to_disk(str(folder))
     assert len(datasets.load_from_disk(str(folder))) == 2
+
+
+def test_min_score_gap_keeps_only_decisive_ai_feedback_pairs(tmp_path):
+    red, blue = _png("red"), _png("blue")
+    path = _pickapic(tmp_path / "pairs.parquet", [("wide", red, blue, 1.0, True), ("narrow", red, blue, 0.0, True)])
+    table = (
+        pq.read_table(path)
+        .append_column("score_0", pa.array([1.0, 0.8]))
+        .append_column("score_1", pa.array([0.5, 0.9]))
+    )
+    pq.write_table(table, path)
+    pairs, report = alignment.load_preference_pairs(path, resolution=8, min_score_gap=0.25, with_report=True)
+    assert pairs["caption"] == ["wide"] and report["small_gap"] == 1 and report["kept"] == 1
+    assert len(alignment.load_preference_pairs(path, resolution=8)) == 2  # no gap asked: scores unread
+    with pytest.raises(DataPrepError, match="no column 'score_0'"):  # Pick-a-Pic has no labeller scores
+        alignment.load_preference_pairs(_pickapic(tmp_path / "p.parquet", [("x", red, blue, 1.0, True)]),
+                                        min_score_gap=0.1)  # fmt: skip
+    nan = table.set_column(table.column_names.index("score_0"), "score_0", pa.array([1.0, float("nan")]))
+    pq.write_table(nan, tmp_path / "nan.parquet")
+    with pytest.raises(DataPrepError, match="row 1: score_0 is nan"):
+        alignment.load_preference_pairs(tmp_path / "nan.parquet", min_score_gap=0.1)
 
 
 def test_pickapic_bad_input_names_the_file_row_and_column(tmp_path):
