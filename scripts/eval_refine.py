@@ -211,6 +211,7 @@ def main() -> None:
     p.add_argument("--split", choices=sorted(PACKAGE_METADATA), default="heldout",
                    help="prompt families (train: mine DPO pairs without touching held-out ones)")  # fmt: skip
     p.add_argument("--limit-per-task", type=int, default=20)
+    p.add_argument("--tasks", nargs="+", default=None, help="only these ShapesEval tasks (e.g. mine pairs for style)")
     p.add_argument("--n-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--best-of", type=int, default=4, help="K candidates per image (0: no best-of rows)")
@@ -250,6 +251,11 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     entries = limit_per_task(read_metadata(PACKAGE_METADATA[args.split]), args.limit_per_task)
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - {e["tag"] for e in entries})
+        if unknown:
+            p.error(f"--tasks: no prompts of task(s) {unknown} in the {args.split} split")
+        entries = [e for e in entries if e["tag"] in args.tasks]
     pipe, native, critic, reviser = load_models(args)
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     generators = {"bridge": pipe.as_generator(**sampling), "native": native.as_generator(**sampling)}
