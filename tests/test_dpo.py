@@ -1,5 +1,6 @@
 """Diffusion-DPO's loss (invariances from the paper's equation) and the Pick-a-Pic pair loader."""
 
+import importlib.util
 import io
 import json
 import math
@@ -40,6 +41,7 @@ from diffusion_backbone.sampling import unet_forward
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from planner.planner import Planner
+from planner.schema import Plan
 from planner.tokens import format_prompt
 from toyworld import vocab as V
 
@@ -422,3 +424,20 @@ def test_error_split_counts_images_by_whether_the_writer_plans_their_prompt_righ
     assert (row["plan_right_correct"], row["plan_right_images"]) == (1, 2)
     assert (row["plan_wrong_correct"], row["plan_wrong_images"]) == (1, 3)
     assert row["accuracy"] == pytest.approx(2 / 5) and row["image_side_ceiling"] == pytest.approx(3 / 5)
+
+
+def test_critic_agreement_counts_detector_values_against_critic_readings():
+    spec = importlib.util.spec_from_file_location(
+        "critic_agreement", Path(__file__).parent.parent / "scripts" / "critic_agreement.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plan = "<IMG_BEGIN> <STYLE> {style} background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center "
+    plan += "<COLOR> red <MATERIAL> solid <LIGHTING> {light} light <CAMERA> medium shot <IMG_END>"
+    readings = [Plan.parse(plan.format(style=s, light=li), V.TOY_PLAN_SPEC)
+                for s, li in (("plain", "bright"), ("vertical gradient", "normal"))] + [None]  # fmt: skip
+    scenes = [{"style": "plain", "lighting": "bright"}, {"style": "horizontal gradient", "lighting": "bright"},
+              {"style": "plain", "lighting": "dim"}]  # fmt: skip
+    got = module.confusions([{"scene": s} for s in scenes], readings)
+    assert got["STYLE"] == {("plain", "plain"): 1, ("horizontal gradient", "vertical gradient"): 1, ("plain", None): 1}
+    assert got["LIGHTING"] == {("bright", "bright"): 1, ("bright", "normal"): 1, ("dim", None): 1}
