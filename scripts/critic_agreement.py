@@ -24,15 +24,18 @@ from toyworld import vocab as V
 from toyworld.eval.runner import collect_folder
 from toyworld.pretrained import pretrained_path
 
-FIELDS = {"STYLE": ("style", V.STYLE_TEXT), "LIGHTING": ("lighting", V.LIGHTING_TEXT)}  # plan field: scene key
+# plan field: (the detector's scene key, the plan's words -> the scene's value)
+FIELDS = {
+    "STYLE": ("style", {text: value for value, text in V.STYLE_TEXT.items()}),
+    "LIGHTING": ("lighting", {text: value for value, text in V.LIGHTING_TEXT.items()}),
+}
 
 
 def confusions(results: list[dict], readings: list) -> dict[str, Counter]:
     """Per field, counts of (detector's value, critic's value; None where the critic wrote no valid plan)."""
     out = {field: Counter() for field in FIELDS}
     for r, plan in zip(results, readings):
-        for field, (key, text) in FIELDS.items():
-            words = {v: k for k, v in text.items()}
+        for field, (key, words) in FIELDS.items():
             got = None if plan is None else words.get(plan.get(field))
             out[field][(r["scene"][key], got)] += 1
     return out
