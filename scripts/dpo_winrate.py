@@ -46,6 +46,20 @@ def critic_scores(run: Path, prompts: dict[int, str], intended: dict[str, object
     return out
 
 
+def image_shift(before: Path, after: Path) -> dict:
+    """How far tuning moved the images: mean absolute pixel change (0-255) over paired images, its 90th
+    percentile, and how many detector verdicts flipped. A tuned chain that flips no verdict moved too little to
+    be judged; one whose pixels moved far and whose verdicts flip both ways drifted."""
+    was, now = detector_scores(before), detector_scores(after)
+    flips = sum(a != b for i in was for a, b in zip(was[i], now[i], strict=True))
+    n = max(was) + 1
+    pairs = zip(collect_folder(before / "images", n), collect_folder(after / "images", n), strict=True)
+    shifts = [np.abs(np.asarray(Image.open(p), np.float32) - np.asarray(Image.open(q), np.float32)).mean()
+              for (_, _, p), (_, _, q) in pairs]  # fmt: skip
+    return {"mean_abs_pixel_change": float(np.mean(shifts)), "p90_abs_pixel_change": float(np.percentile(shifts, 90)),
+            "verdict_flips": int(flips), "images": len(shifts)}  # fmt: skip
+
+
 def win_rate(before: dict[int, list[float]], after: dict[int, list[float]], tags: dict[int, str]) -> dict:
     if set(before) != set(after):
         raise SystemExit("the two runs score different prompts: run both on the same --limit-per-task / seeds")
@@ -80,14 +94,17 @@ def main() -> None:
     grammar = spec.object_grammar
     crit_before = critic_scores(before, prompts, intended, critic, grammar)
     report = {"before": str(before), "prompts": len(prompts), "runs": {}}
-    print("| run | detector win rate (W/T/L) | critic win rate (W/T/L) |\n|---|---|---|")
+    print("| run | detector win rate (W/T/L) | critic win rate (W/T/L) | mean abs pixel change | verdict flips |")
+    print("|---|---|---|---|---|")
     for run in map(Path, args.after):
         det = win_rate(detector_scores(before), detector_scores(run), tags)
         cri = win_rate(crit_before, critic_scores(run, prompts, intended, critic, grammar), tags)
-        report["runs"][str(run)] = {"detector": det, "critic": cri}
+        shift = image_shift(before, run)
+        report["runs"][str(run)] = {"detector": det, "critic": cri, "shift": shift}
         d, c = det["overall"], cri["overall"]
         print(f"| {run.name} | {d['win_rate']:.2f} ({d['wins']}/{d['ties']}/{d['losses']}) "
-              f"| {c['win_rate']:.2f} ({c['wins']}/{c['ties']}/{c['losses']}) |")  # fmt: skip
+              f"| {c['win_rate']:.2f} ({c['wins']}/{c['ties']}/{c['losses']}) "
+              f"| {shift['mean_abs_pixel_change']:.2f} | {shift['verdict_flips']} |")  # fmt: skip
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
 

@@ -426,12 +426,16 @@ def test_error_split_counts_images_by_whether_the_writer_plans_their_prompt_righ
     assert row["accuracy"] == pytest.approx(2 / 5) and row["image_side_ceiling"] == pytest.approx(3 / 5)
 
 
-def test_critic_agreement_counts_detector_values_against_critic_readings():
-    spec = importlib.util.spec_from_file_location(
-        "critic_agreement", Path(__file__).parent.parent / "scripts" / "critic_agreement.py"
-    )
+def _script(name: str):
+    """scripts/NAME.py as a module, for testing its functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_critic_agreement_counts_detector_values_against_critic_readings():
+    module = _script("critic_agreement")
     plan = "<IMG_BEGIN> <STYLE> {style} background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center "
     plan += "<COLOR> red <MATERIAL> solid <LIGHTING> {light} light <CAMERA> medium shot <IMG_END>"
     readings = [Plan.parse(plan.format(style=s, light=li), V.TOY_PLAN_SPEC)
@@ -441,3 +445,18 @@ def test_critic_agreement_counts_detector_values_against_critic_readings():
     got = module.confusions([{"scene": s} for s in scenes], readings)
     assert got["STYLE"] == {("plain", "plain"): 1, ("horizontal gradient", "vertical gradient"): 1, ("plain", None): 1}
     assert got["LIGHTING"] == {("bright", "bright"): 1, ("bright", "normal"): 1, ("dim", None): 1}
+
+
+def test_image_shift_measures_pixel_change_and_verdict_flips(tmp_path):
+    module = _script("dpo_winrate")
+    runs = {}
+    for name, shade, verdicts in (("before", 100, [True, False]), ("after", 110, [True, True])):
+        run = runs[name] = tmp_path / name
+        for sample in range(len(verdicts)):
+            folder = run / "images" / "00000" / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (shade, shade, shade)).save(folder / f"{sample:04d}.png")
+        rows = [{"prompt_index": 0, "sample": k, "correct": c} for k, c in enumerate(verdicts)]
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = module.image_shift(runs["before"], runs["after"])
+    assert got == {"mean_abs_pixel_change": 10.0, "p90_abs_pixel_change": 10.0, "verdict_flips": 1, "images": 2}
