@@ -15,13 +15,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from planner.critic import PlanReader
 from safeio import atomic_write_json
 from toyworld import vocab as V
-from toyworld.eval.runner import collect_folder
+from toyworld.eval.runner import read_folder
 from toyworld.pretrained import pretrained_path
 
 # plan field: (the detector's scene key, the plan's words -> the scene's value)
@@ -50,9 +47,9 @@ def main() -> None:
     run = Path(args.run)
     lines = (run / "results.jsonl").read_text().splitlines()
     results = {(r["prompt_index"], r["sample"]): r for r in map(json.loads, lines)}
-    items = collect_folder(run / "images", max(i for i, _ in results) + 1)
+    items, images = read_folder(run / "images", max(i for i, _ in results) + 1)
     critic = PlanReader.from_pretrained(args.critic or pretrained_path("critic"), spec=V.TOY_PLAN_SPEC)
-    readings = critic.read(np.stack([np.asarray(Image.open(path).convert("RGB")) for _, _, path in items]))
+    readings = critic.read(images)
     table = confusions([results[(i, k)] for i, k, _ in items], [r.plan for r in readings])
     report = {}
     for field, counts in table.items():

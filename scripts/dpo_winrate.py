@@ -18,13 +18,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from planner.critic import PlanReader, critique
 from planner.planner import Planner
 from safeio import atomic_write_json
 from toyworld import vocab as V
-from toyworld.eval.runner import collect_folder
+from toyworld.eval.runner import read_folder
 from toyworld.pretrained import pretrained_path
 
 
@@ -36,9 +35,10 @@ def detector_scores(run: Path) -> dict[int, list[float]]:
     return out
 
 
-def critic_scores(run: Path, prompts: dict[int, str], intended: dict[str, object], critic, grammar) -> dict:
-    items = collect_folder(run / "images", max(prompts) + 1)
-    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for _, _, p in items])
+def critic_scores(folder: tuple[list, np.ndarray], prompts: dict[int, str], intended: dict[str, object], critic,
+                  grammar) -> dict:  # fmt: skip
+    """The critic's score of each image of ``folder`` (`read_folder`'s items and images) against its intended plan."""
+    items, images = folder
     readings = critic.read(images)
     out: dict[int, list[float]] = defaultdict(list)
     for (i, _, _), reading in zip(items, readings):
@@ -46,17 +46,16 @@ def critic_scores(run: Path, prompts: dict[int, str], intended: dict[str, object
     return out
 
 
-def image_shift(before: Path, after: Path) -> dict:
-    """How far tuning moved the images: mean absolute pixel change (0-255) over paired images, its 90th
-    percentile, and how many detector verdicts flipped. A tuned chain that flips no verdict moved too little to
-    be judged; one whose pixels moved far and whose verdicts flip both ways drifted."""
-    was, now = detector_scores(before), detector_scores(after)
+def image_shift(was: dict, now: dict, before: np.ndarray, after: np.ndarray) -> dict:
+    """How far tuning moved the images: mean absolute pixel change (0-255) over paired images (``before`` and
+    ``after``, `read_folder`'s arrays), its 90th percentile, and how many detector verdicts flipped (``was`` and
+    ``now``, `detector_scores`). A tuned chain that flips no verdict moved too little to be judged; one whose
+    pixels moved far and whose verdicts flip both ways drifted."""
+    if before.shape != after.shape:
+        raise SystemExit(f"the two runs saved different images: {before.shape} against {after.shape}")
     flips = sum(a != b for i in was for a, b in zip(was[i], now[i], strict=True))
-    n = max(was) + 1
-    pairs = zip(collect_folder(before / "images", n), collect_folder(after / "images", n), strict=True)
-    shifts = [np.abs(np.asarray(Image.open(p), np.float32) - np.asarray(Image.open(q), np.float32)).mean()
-              for (_, _, p), (_, _, q) in pairs]  # fmt: skip
-    return {"mean_abs_pixel_change": float(np.mean(shifts)), "p90_abs_pixel_change": float(np.percentile(shifts, 90)),
+    shifts = np.abs(before.astype(np.float32) - after.astype(np.float32)).mean(axis=(1, 2, 3))
+    return {"mean_abs_pixel_change": float(shifts.mean()), "p90_abs_pixel_change": float(np.percentile(shifts, 90)),
             "verdict_flips": int(flips), "images": len(shifts)}  # fmt: skip
 
 
@@ -92,14 +91,17 @@ def main() -> None:
     intended = {q: r.plan for q, r in zip(unique, writer.plan(unique))}
     critic = PlanReader.from_pretrained(args.critic or pretrained_path("critic"), spec=spec)
     grammar = spec.object_grammar
-    crit_before = critic_scores(before, prompts, intended, critic, grammar)
+    n = max(prompts) + 1
+    folder_before, det_before = read_folder(before / "images", n), detector_scores(before)
+    crit_before = critic_scores(folder_before, prompts, intended, critic, grammar)
     report = {"before": str(before), "prompts": len(prompts), "runs": {}}
     print("| run | detector win rate (W/T/L) | critic win rate (W/T/L) | mean abs pixel change | verdict flips |")
     print("|---|---|---|---|---|")
     for run in map(Path, args.after):
-        det = win_rate(detector_scores(before), detector_scores(run), tags)
-        cri = win_rate(crit_before, critic_scores(run, prompts, intended, critic, grammar), tags)
-        shift = image_shift(before, run)
+        folder, det_run = read_folder(run / "images", n), detector_scores(run)
+        det = win_rate(det_before, det_run, tags)
+        cri = win_rate(crit_before, critic_scores(folder, prompts, intended, critic, grammar), tags)
+        shift = image_shift(det_before, det_run, folder_before[1], folder[1])
         report["runs"][str(run)] = {"detector": det, "critic": cri, "shift": shift}
         d, c = det["overall"], cri["overall"]
         print(f"| {run.name} | {d['win_rate']:.2f} ({d['wins']}/{d['ties']}/{d['losses']}) "

@@ -44,6 +44,7 @@ from planner.planner import Planner
 from planner.schema import Plan
 from planner.tokens import format_prompt
 from toyworld import vocab as V
+from toyworld.eval.runner import read_folder
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -458,5 +459,7 @@ def test_image_shift_measures_pixel_change_and_verdict_flips(tmp_path):
             Image.new("RGB", (8, 8), (shade, shade, shade)).save(folder / f"{sample:04d}.png")
         rows = [{"prompt_index": 0, "sample": k, "correct": c} for k, c in enumerate(verdicts)]
         (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = module.image_shift(runs["before"], runs["after"])
+    was, now = (module.detector_scores(runs[k]) for k in ("before", "after"))
+    (_, before), (_, after) = (read_folder(runs[k] / "images", 1) for k in ("before", "after"))
+    got = module.image_shift(was, now, before, after)
     assert got == {"mean_abs_pixel_change": 10.0, "p90_abs_pixel_change": 10.0, "verdict_flips": 1, "images": 2}

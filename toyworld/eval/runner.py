@@ -83,6 +83,12 @@ def collect_folder(images_dir: str | Path, n_prompts: int) -> list[tuple[int, in
     return found
 
 
+def read_folder(images_dir: str | Path, n_prompts: int) -> tuple[list[tuple[int, int, Path]], np.ndarray]:
+    """`collect_folder`'s ``(prompt_index, sample, path)`` list and its images as one (N, H, W, 3) uint8 array."""
+    items = collect_folder(images_dir, n_prompts)
+    return items, np.stack([np.asarray(Image.open(path).convert("RGB")) for _, _, path in items])
+
+
 def image_seed(seed: int, index: int, sample: int) -> int:
     """The seed of image ``sample`` of prompt ``index`` in a run with base seed ``seed`` (every generator and every
     row of a table uses these, so rows are paired image by image)."""
