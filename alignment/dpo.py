@@ -152,7 +152,8 @@ DPO_WEIGHTS = "unet_dpo.safetensors"
 
 @dataclass
 class DPOTrainConfig:
-    pairs: str = "runs/pairs_train/pairs/best-of/images"  # image pairs in Pick-a-Pic's columns (folder or Parquet)
+    # image pairs in Pick-a-Pic's columns (folder or Parquet); several sources comma-separated ("a,b"), concatenated
+    pairs: str = "runs/pairs_train/pairs/best-of/images"
     out: str = "runs/dpo"
     target: str = "unet_lora"  # unet_lora | connector (against a frozen copy) | both
     # the models `plan2img dpo` builds the conditioning from (the trainer itself takes models)
@@ -334,7 +335,8 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     builds the captions' conditioning once: `FixedConditioning` (U-Net LoRA only) or `ConnectorConditioning`.
     Returns the exported folder ``cfg.out/final`` (``unet_dpo.safetensors`` and/or ``bridge/``), or the
     checkpoint when stopped early."""
-    pairs = load_preference_pairs(cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed,
+    sources = [p.strip() for p in cfg.pairs.split(",") if p.strip()]
+    pairs = load_preference_pairs(sources if len(sources) > 1 else cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed,
                                   min_score_gap=cfg.min_score_gap)  # fmt: skip
     train_idx, held_idx = split_pairs(list(pairs["caption"]), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -108,7 +109,7 @@ def _score_gaps(ds, columns: tuple[str, str], path) -> list[float]:
 
 
 def load_preference_pairs(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     *,
     resolution: int = 512,
     center_crop: bool = True,
@@ -132,9 +133,16 @@ def load_preference_pairs(
 
     ``min_score_gap > 0`` keeps only pairs whose labeller scores (``score_columns``, as AI-feedback miners such as
     ``PairWriter`` write them) differ by at least that much; the rest are counted as ``small_gap``. Pick-a-Pic has
-    no scores: asking for a gap there is an error naming the missing column."""
+    no scores: asking for a gap there is an error naming the missing column.
+
+    ``path`` may also be a list of such sources (pairs mined in several runs): each is read with the same options,
+    the kept pairs are concatenated in order, and the report sums the counts."""
     if resolution < 8:
         raise DataPrepError(f"resolution must be >= 8, got {resolution}")
+    if isinstance(path, (list, tuple)):
+        return _load_several(list(path), with_report=with_report, resolution=resolution, center_crop=center_crop,
+                             caption_column=caption_column, image_columns=image_columns, label_column=label_column,
+                             seed=seed, min_score_gap=min_score_gap, score_columns=score_columns)  # fmt: skip
     ds = read_source(path)
     needed = (caption_column, *image_columns, label_column, *(score_columns if min_score_gap > 0 else ()))
     for column in needed:
@@ -179,4 +187,14 @@ def load_preference_pairs(
         lambda row, j: to_pair(row, int(index[j])), with_indices=True, remove_columns=ds.column_names,
         features=features, desc="decoding preference pairs", load_from_cache_file=False,
     )  # fmt: skip
+    return (pairs, report) if with_report else pairs
+
+
+def _load_several(paths: list, with_report: bool, **options):
+    """`load_preference_pairs` over several sources: kept pairs concatenated, reports summed."""
+    if not paths:
+        raise DataPrepError("preference data: an empty list of sources")
+    loaded = [load_preference_pairs(p, with_report=True, **options) for p in paths]
+    pairs = datasets.concatenate_datasets([ds for ds, _ in loaded])
+    report = {key: sum(r[key] for _, r in loaded) for key in loaded[0][1]}
     return (pairs, report) if with_report else pairs

@@ -345,7 +345,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_metadata(args: argparse.Namespace) -> int:
     from toyworld.eval.metadata import make_metadata, write_metadata
 
-    entries = make_metadata(split=args.split, seed=args.seed)
+    if args.wide and args.split != "train":
+        raise InputError("--wide draws from the widened training grammar: use it with --split train")
+    entries = make_metadata(split=args.split, seed=args.seed, wide=args.wide)
     print(f"wrote {len(entries)} prompts to {write_metadata(entries, args.out)}")
     return 0
 
@@ -740,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="template families the prompts are worded with",
     )
     meta.add_argument("--seed", type=SEED, default=0)
+    meta.add_argument("--wide", action="store_true", help="also word prompts with the widened training grammar")
     meta.set_defaults(func=_cmd_metadata)
 
     plan = sub.add_parser("plan", help="prompt -> image plan (the planner LLM)")

@@ -210,6 +210,8 @@ def main() -> None:
     p.add_argument("--out", required=True, help="one run folder per row is written under here")
     p.add_argument("--split", choices=sorted(PACKAGE_METADATA), default="heldout",
                    help="prompt families (train: mine DPO pairs without touching held-out ones)")  # fmt: skip
+    p.add_argument("--metadata", default=None,
+                   help="a metadata JSONL (`plan2img metadata`, e.g. --split train --wide) instead of --split's")  # fmt: skip
     p.add_argument("--limit-per-task", type=int, default=20)
     p.add_argument("--tasks", nargs="+", default=None, help="only these ShapesEval tasks (e.g. mine pairs for style)")
     p.add_argument("--n-per-prompt", type=int, default=2)
@@ -250,11 +252,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per generation batch")
     args = p.parse_args()
     out = Path(args.out)
-    entries = limit_per_task(read_metadata(PACKAGE_METADATA[args.split]), args.limit_per_task)
+    metadata = Path(args.metadata) if args.metadata else PACKAGE_METADATA[args.split]
+    entries = limit_per_task(read_metadata(metadata), args.limit_per_task)
     if args.tasks:
         unknown = sorted(set(args.tasks) - {e["tag"] for e in entries})
         if unknown:
-            p.error(f"--tasks: no prompts of task(s) {unknown} in the {args.split} split")
+            p.error(f"--tasks: no prompts of task(s) {unknown} in {metadata.name}")
         entries = [e for e in entries if e["tag"] in args.tasks]
     pipe, native, critic, reviser = load_models(args)
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)

@@ -181,6 +181,20 @@ def test_pickapic_pairs_load_with_ties_and_duplicates_dropped_and_counted(tmp_pa
     assert len(datasets.load_from_disk(str(folder))) == 2
 
 
+def test_several_pair_sources_are_concatenated_with_their_reports_summed(tmp_path):
+    red, blue = _png("red"), _png("blue")
+    a = _pickapic(tmp_path / "a.parquet", [("first", red, blue, 1.0, True), ("tie", red, blue, 0.5, True)])
+    b = _pickapic(tmp_path / "b.parquet", [("second", red, blue, 0.0, True)])
+    pairs, report = alignment.load_preference_pairs([a, b], resolution=8, with_report=True)
+    assert pairs["caption"] == ["first", "second"]
+    assert report == {"rows": 3, "ties": 1, "not_different": 0, "empty_caption": 0, "small_gap": 0, "kept": 2}
+    assert np.asarray(pairs[1]["image_w"])[..., 2].min() > 200  # the second file's winner (jpg_1, blue)
+    with pytest.raises(DataPrepError, match="empty list"):
+        alignment.load_preference_pairs([])
+    with pytest.raises(DataPrepError, match="missing.parquet"):  # a bad source is named, not skipped
+        alignment.load_preference_pairs([a, tmp_path / "missing.parquet"])
+
+
 def test_min_score_gap_keeps_only_decisive_ai_feedback_pairs(tmp_path):
     red, blue = _png("red"), _png("blue")
     path = _pickapic(tmp_path / "pairs.parquet", [("wide", red, blue, 1.0, True), ("narrow", red, blue, 0.0, True)])

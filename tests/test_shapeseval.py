@@ -63,6 +63,17 @@ def test_heldout_metadata_uses_heldout_families():
         assert {FAMILY_BY_NAME[e["family"]].split for e in make_metadata(split=split)} == {split}
 
 
+def test_wide_metadata_adds_widened_training_wordings_and_only_for_train():
+    from toyworld.grammar import FAMILY_BY_NAME
+
+    entries = make_metadata(split="train", wide=True, per_task={"style": 40})
+    fams = [FAMILY_BY_NAME[e["family"]] for e in entries]
+    assert {f.split for f in fams} == {"train"} and any(f.wide for f in fams) and not all(f.wide for f in fams)
+    assert make_metadata(split="train", per_task={"style": 40}) != entries  # the default grammar is unchanged
+    with pytest.raises(ValueError, match="split must be 'train'"):
+        make_metadata(split="heldout", wide=True)
+
+
 @pytest.mark.parametrize(
     "entry, words",
     [

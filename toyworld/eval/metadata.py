@@ -101,8 +101,14 @@ def make_metadata(
     seed: int = 0,
     per_task: dict[str, int] | None = None,
     p_optional: float = 0.25,
+    wide: bool = False,
 ) -> list[dict]:
-    """ShapesEval metadata entries: ``per_task`` prompts of each task, worded by ``split`` families."""
+    """ShapesEval metadata entries: ``per_task`` prompts of each task, worded by ``split`` families.
+
+    ``wide=True`` also draws from the widened grammar's families (training split only: more wordings of the same
+    scenes, e.g. for mining preference pairs whose conditioning varies with the wording)."""
+    if wide and split != "train":
+        raise ValueError(f"wide families are all training families; split must be 'train', got {split!r}")
     per_task = per_task or DEFAULT_PER_TASK
     entries = []
     for t_index, task in enumerate(per_task):
@@ -111,7 +117,7 @@ def make_metadata(
         rng = np.random.default_rng([seed, t_index])
         for _ in range(per_task[task]):
             draw, meta, force = _task_draw(task, rng)
-            fams = families(split, draw.kind, draw.relation if draw.kind == "relation" else None)
+            fams = families(split, draw.kind, draw.relation if draw.kind == "relation" else None, wide=wide)
             family = fams[int(rng.integers(len(fams)))]
             prompt = render_prompt(draw, family, rng, p_optional=p_optional, force=force)
             entry = {"tag": task, "include": meta["include"]}
