@@ -336,8 +336,8 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     Returns the exported folder ``cfg.out/final`` (``unet_dpo.safetensors`` and/or ``bridge/``), or the
     checkpoint when stopped early."""
     sources = [p.strip() for p in cfg.pairs.split(",") if p.strip()]
-    pairs = load_preference_pairs(sources if len(sources) > 1 else cfg.pairs, resolution=image_resolution(unet, vae), seed=cfg.seed,
-                                  min_score_gap=cfg.min_score_gap)  # fmt: skip
+    pairs = load_preference_pairs(sources if len(sources) > 1 else cfg.pairs, seed=cfg.seed,
+                                  resolution=image_resolution(unet, vae), min_score_gap=cfg.min_score_gap)  # fmt: skip
     train_idx, held_idx = split_pairs(list(pairs["caption"]), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
         raise InputError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "

@@ -211,7 +211,7 @@ def main() -> None:
     p.add_argument("--split", choices=sorted(PACKAGE_METADATA), default="heldout",
                    help="prompt families (train: mine DPO pairs without touching held-out ones)")  # fmt: skip
     p.add_argument("--metadata", default=None,
-                   help="a metadata JSONL (`plan2img metadata`, e.g. --split train --wide) instead of --split's")  # fmt: skip
+                   help="a metadata JSONL (`plan2img metadata --split train --wide`) instead of --split")  # fmt: skip
     p.add_argument("--limit-per-task", type=int, default=20)
     p.add_argument("--tasks", nargs="+", default=None, help="only these ShapesEval tasks (e.g. mine pairs for style)")
     p.add_argument("--n-per-prompt", type=int, default=2)
