@@ -74,6 +74,17 @@ def test_wide_metadata_adds_widened_training_wordings_and_only_for_train():
         make_metadata(split="heldout", wide=True)
 
 
+def test_cli_metadata_wide_writes_training_wordings_and_refuses_heldout(tmp_path, capsys):
+    from toyworld.grammar import FAMILY_BY_NAME
+
+    out = tmp_path / "wide.jsonl"
+    assert main(["metadata", "--split", "train", "--wide", "--out", str(out)]) == 0
+    families = {json.loads(line)["family"] for line in out.read_text().splitlines()}
+    assert any(FAMILY_BY_NAME[f].wide for f in families)
+    assert main(["metadata", "--wide", "--out", str(tmp_path / "bad.jsonl")]) == 2  # the default split is heldout
+    assert "--split train" in capsys.readouterr().err and not (tmp_path / "bad.jsonl").exists()
+
+
 @pytest.mark.parametrize(
     "entry, words",
     [
