@@ -293,8 +293,9 @@ def image_resolution(unet, vae) -> int:
 
 
 def split_pairs(captions: list[str], heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of the training and held-out pairs, split by caption: every pair of a caption lands on the same
-    side, so pairs mined from one candidate set (``PairWriter(all_pairs=True)``) never straddle the split. With one
+    """Row indices of the training and held-out pairs, split by caption (or by any group key, such as the ``group``
+    column `load_preference_pairs` returns): every pair of a caption lands on the same side, so pairs mined from one
+    candidate set (``PairWriter(all_pairs=True)``), or reworded from one caption, never straddle the split. With one
     pair per caption this is a plain random split of the rows."""
     groups = list(dict.fromkeys(captions))
     perm = np.random.default_rng(seed).permutation(len(groups))
@@ -338,7 +339,7 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     sources = [p.strip() for p in cfg.pairs.split(",") if p.strip()]
     pairs = load_preference_pairs(sources if len(sources) > 1 else cfg.pairs, seed=cfg.seed,
                                   resolution=image_resolution(unet, vae), min_score_gap=cfg.min_score_gap)  # fmt: skip
-    train_idx, held_idx = split_pairs(list(pairs["caption"]), cfg.heldout_fraction, cfg.seed)
+    train_idx, held_idx = split_pairs(list(pairs["group"]), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
         raise InputError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "
                          f"({cfg.batch_size})")  # fmt: skip

@@ -10,7 +10,8 @@ critic scores are equal gives no pair (a tie); by default a set gives one pair, 
 worst, and ``PairWriter(all_pairs=True)`` every pair whose scores differ.
 
 `load_preference_pairs` reads such pairs back, or Pick-a-Pic's own files (a local Parquet file or `datasets`
-folder), into the form the preference trainers use: ``caption``, ``image_w``, ``image_l``.
+folder), into the form the preference trainers use: ``caption``, ``group``, ``image_w``, ``image_l``;
+`reword_pairs` repeats pairs under other wordings of their captions.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
@@ -38,6 +39,33 @@ def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+GROUP_COLUMN = "group"  # pairs that must stay on one side of a held-out split (one candidate set, its rewordings)
+
+
+def reword_pairs(pairs: datasets.Dataset, reword: Callable[[list[str]], list[list[str]]],
+                 caption_column: str = "caption") -> datasets.Dataset:  # fmt: skip
+    """Pairs in Pick-a-Pic's columns, each kept and repeated under other wordings of its caption: ``reword(captions)``
+    gives, per distinct caption, the alternative captions that ask for the same image (the caller's check: for the
+    chain, the writer plans each the same). The images and labels are copied; a ``group`` column holds the caption
+    a row came from, so a row and its rewordings stay on one side of a held-out split. The preference transfers
+    because it is about the image against the plan, which the rewording keeps."""
+    if caption_column not in pairs.column_names:
+        raise DataPrepError(f"preference pairs have no column {caption_column!r} (columns: {pairs.column_names})")
+    captions = list(dict.fromkeys(pairs[caption_column]))
+    alternatives = reword(captions)
+    if len(alternatives) != len(captions):
+        raise ValueError(f"reword gave {len(alternatives)} lists for {len(captions)} captions")
+    by_caption = dict(zip(captions, alternatives))
+    groups = pairs[GROUP_COLUMN] if GROUP_COLUMN in pairs.column_names else pairs[caption_column]
+    rows = []
+    for row, group in zip(pairs, groups):
+        rows.append({**row, GROUP_COLUMN: group})
+        rows += [{**row, caption_column: alt, GROUP_COLUMN: group} for alt in by_caption[row[caption_column]]]
+    features = pairs.features.copy()
+    features[GROUP_COLUMN] = datasets.Value("string")
+    return datasets.Dataset.from_list(rows, features=features)
 
 
 class PairWriter:
@@ -123,7 +151,9 @@ def load_preference_pairs(
 ):
     """Image preference pairs in Pick-a-Pic's format, as a `datasets.Dataset` with ``caption``, ``image_w`` (the
     preferred image) and ``image_l``, both decoded and resized to ``resolution`` (shorter side, then a square
-    crop: centred, or seeded random with ``center_crop=False``; 512 is SD1.5's, pass the base model's).
+    crop: centred, or seeded random with ``center_crop=False``; 512 is SD1.5's, pass the base model's), and
+    ``group``: the source's ``group`` column where it has one (`reword_pairs` writes it: the caption a reworded
+    pair came from), else the caption; trainers keep a group's pairs on one side of a held-out split.
 
     ``path``: a local Parquet file or `datasets` folder with ``caption``, ``jpg_0``, ``jpg_1`` (image bytes) and
     ``label_0`` (1: ``jpg_0`` preferred, 0: ``jpg_1`` preferred, 0.5: a tie). Dropped, and counted in the report
@@ -177,11 +207,13 @@ def load_preference_pairs(
         for key, column in (("image_w", win), ("image_l", lose)):
             image = decode_image(row[column], f"preference data {path}, row {i}, column {column!r}")
             images[key] = Image.fromarray(square_image(image, resolution, center_crop, rng))
-        return {"caption": " ".join(row[caption_column].split()), **images}
+        caption = " ".join(row[caption_column].split())
+        return {"caption": caption, "group": row.get(GROUP_COLUMN) or caption, **images}
 
     features = datasets.Features(
-        {"caption": datasets.Value("string"), "image_w": datasets.Image(), "image_l": datasets.Image()}
-    )
+        {"caption": datasets.Value("string"), "group": datasets.Value("string"), "image_w": datasets.Image(),
+         "image_l": datasets.Image()}
+    )  # fmt: skip
     index = np.asarray(kept, dtype=np.int64)
     pairs = ds.select(index).map(
         lambda row, j: to_pair(row, int(index[j])), with_indices=True, remove_columns=ds.column_names,

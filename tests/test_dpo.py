@@ -45,6 +45,8 @@ from planner.schema import Plan
 from planner.tokens import format_prompt
 from toyworld import vocab as V
 from toyworld.eval.runner import read_folder
+from toyworld.grammar import FAMILIES
+from toyworld.pretrained import pretrained_path
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -168,7 +170,7 @@ def test_pickapic_pairs_load_with_ties_and_duplicates_dropped_and_counted(tmp_pa
     ])  # fmt: skip
     pairs, report = alignment.load_preference_pairs(path, resolution=16, with_report=True)
     assert report == {"rows": 5, "ties": 1, "not_different": 1, "empty_caption": 1, "small_gap": 0, "kept": 2}
-    assert pairs.column_names == ["caption", "image_w", "image_l"] and pairs["caption"] == [
+    assert pairs.column_names == ["caption", "group", "image_w", "image_l"] and pairs["group"] == pairs["caption"] == [
         "a red thing",
         "a blue thing",
     ]
@@ -193,6 +195,34 @@ def test_several_pair_sources_are_concatenated_with_their_reports_summed(tmp_pat
         alignment.load_preference_pairs([])
     with pytest.raises(DataPrepError, match="missing.parquet"):  # a bad source is named, not skipped
         alignment.load_preference_pairs([a, tmp_path / "missing.parquet"])
+
+
+def test_reworded_pairs_copy_images_and_labels_and_keep_their_group_together(tmp_path):
+    red, blue = _png("red"), _png("blue")
+    raw = alignment.prepared.read_source(_pickapic(tmp_path / "a.parquet", [
+        ("a red thing", red, blue, 1.0, True),
+        ("a red thing", blue, red, 0.0, True),  # a second pair of the same candidate set
+        ("a blue thing", red, blue, 0.0, True),
+    ]))  # fmt: skip
+    asked = []
+
+    def reword(captions):
+        asked.append(captions)
+        return [["red, please", "show me a red thing"] if c == "a red thing" else [] for c in captions]
+
+    out = alignment.preference.reword_pairs(raw, reword)
+    assert asked == [["a red thing", "a blue thing"]]  # each distinct caption once
+    assert out["caption"] == ["a red thing", "red, please", "show me a red thing"] * 2 + ["a blue thing"]
+    assert out["group"] == ["a red thing"] * 6 + ["a blue thing"]
+    assert out["jpg_0"][:3] == [red] * 3 and out["label_0"][3:6] == [0.0] * 3
+    path = tmp_path / "reworded"
+    out.save_to_disk(str(path))
+    pairs = alignment.load_preference_pairs(path, resolution=8)
+    assert pairs["group"] == out["group"] and np.asarray(pairs[4]["image_w"])[..., 0].min() > 200  # red won
+    train, held = split_pairs(pairs["group"], 0.5, seed=0)  # a group's rows never straddle the split
+    assert not {pairs["group"][i] for i in train} & {pairs["group"][i] for i in held}
+    with pytest.raises(ValueError, match="1 lists for 2 captions"):
+        alignment.preference.reword_pairs(raw, lambda captions: [[]])
 
 
 def test_min_score_gap_keeps_only_decisive_ai_feedback_pairs(tmp_path):
@@ -477,3 +507,17 @@ def test_image_shift_measures_pixel_change_and_verdict_flips(tmp_path):
     (_, before), (_, after) = (read_folder(runs[k] / "images", 1) for k in ("before", "after"))
     got = module.image_shift(was, now, before, after)
     assert got == {"mean_abs_pixel_change": 10.0, "p90_abs_pixel_change": 10.0, "verdict_flips": 1, "images": 2}
+
+
+def test_reword_pairs_keeps_only_wordings_the_writer_plans_the_same():
+    writer = Planner.from_pretrained(pretrained_path("planner"), adapter=pretrained_path("planner_wide"),
+                                     spec=V.TOY_PLAN_SPEC)  # fmt: skip
+    captions = ["a circle on a horizontal gradient background", "a star in dim light"]
+    alts = _script("reword_pairs").writer_rewordings(writer, captions, per_caption=3, tries=8, seed=0)
+    assert len(alts) == 2 and all(1 <= len(a) <= 3 for a in alts)
+    for caption, words in zip(captions, alts):
+        assert caption not in words and len(set(words)) == len(words)
+        want = writer.plan([caption])[0].plan.to_text()
+        assert [r.plan.to_text() for r in writer.plan(words)] == [want] * len(words)
+    held_out_frames = {f.frame.split("{")[0] for f in FAMILIES if f.split == "heldout" and f.frame.split("{")[0]}
+    assert not any(w.startswith(tuple(held_out_frames)) for ws in alts for w in ws)  # training wordings only
