@@ -123,16 +123,18 @@ def dpo_step_losses(
     sft_weight: float = 0.0,
     ref_cond: Conditioning | None = None,
     reference=None,
+    timesteps: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One DPO micro-batch: a shared noise draw and timestep per pair (from ``generator``), the reference errors
+    """One DPO micro-batch: a shared noise draw and timestep per pair (from ``generator``; uniform over the
+    scheduler's training timesteps, or over ``timesteps = (low, high)``, high exclusive), the reference errors
     with the adapters disabled and under ``ref_cond`` (default ``cond``; a frozen connector's output in connector
     DPO), without gradient, the policy errors with them. Returns the loss (key ``loss``), the mean implicit
     accuracy and reward margin, and the policy's mean diffusion loss on winners and losers."""
     b = latents_w.shape[0]
     device = latents_w.device
     noise = torch.randn(latents_w.shape, generator=generator, device=generator.device).to(device, latents_w.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device)
-    t = t.to(device)
+    low, high = timesteps or (0, scheduler.config.num_train_timesteps)
+    t = torch.randint(low, high, (b,), generator=generator, device=generator.device).to(device)
     pol_w, pol_l, ref_w, ref_l = policy_and_reference_errors(
         unet, scheduler, cond, cond if ref_cond is None else ref_cond, latents_w, latents_l, noise, t, reference
     )
@@ -171,6 +173,10 @@ class DPOTrainConfig:
     warmup: int = 20
     heldout_fraction: float = 0.1  # pairs kept out for implicit accuracy and the drift of the diffusion loss
     min_score_gap: float = 0.0  # > 0: only pairs whose labeller scores (score_0/score_1) differ by this much
+    # training timesteps drawn from [min_timestep, max_timestep) (None: the scheduler's last); the held-out metrics
+    # keep the full range. High-noise steps decide a sample's layout and global look (e.g. a gradient's direction)
+    min_timestep: int = 0
+    max_timestep: int | None = None
     bf16: bool = False
     grad_clip: float | None = 1.0
     seed: int = 0
@@ -187,6 +193,9 @@ class DPOTrainConfig:
             raise InputError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if not self.min_score_gap >= 0.0:
             raise InputError(f"min_score_gap must be >= 0 (in the labeller's score units), got {self.min_score_gap}")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise InputError(f"timesteps must satisfy 0 <= min_timestep < max_timestep, got {self.min_timestep} and "
+                             f"{self.max_timestep}")  # fmt: skip
         check_positive("DPO config", beta=self.beta, lr=self.lr, batch_size=self.batch_size,
                        max_steps=self.max_steps, lora_rank=self.lora_rank, log_every=self.log_every)  # fmt: skip
 
@@ -329,6 +338,15 @@ def heldout_metrics(unet, scheduler, data: PairTensors, rows, beta: float, seed:
     return {k: torch.cat(v).mean() for k, v in out.items()}
 
 
+def dpo_timesteps(cfg: DPOTrainConfig, scheduler) -> tuple[int, int] | None:
+    """The training timestep range of ``cfg`` checked against the scheduler's (None: all of them)."""
+    n = int(scheduler.config.num_train_timesteps)
+    high = n if cfg.max_timestep is None else cfg.max_timestep
+    if high > n:
+        raise InputError(f"max_timestep {high} is past the scheduler's {n} training timesteps")
+    return None if (cfg.min_timestep, high) == (0, n) else (cfg.min_timestep, high)
+
+
 def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[str]], object],
               progress: bool = True) -> Path:  # fmt: skip
     """Stage D: Diffusion-DPO on ``cfg.pairs`` through the one loop (resumable from ``cfg.out/checkpoint``) of
@@ -356,11 +374,12 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     sched = warmup_cosine(opt, cfg.max_steps, cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     sampler = EpochSampler(len(train_idx), cfg.batch_size, cfg.seed)
+    timesteps = dpo_timesteps(cfg, scheduler)
 
     def losses(step: int, device: torch.device) -> dict[str, torch.Tensor]:
         cond, ref, zw, zl = data.rows(torch.as_tensor(train_idx)[sampler.batch(step)], device)
         out = dpo_step_losses(unet, scheduler, cond, zw, zl, cfg.beta, gen, cfg.sft_weight, ref,
-                              data.source.as_reference(unet))  # fmt: skip
+                              data.source.as_reference(unet), timesteps)  # fmt: skip
         if len(held_idx) and (step + 1) % cfg.log_every == 0:
             out |= heldout_metrics(unet, scheduler, data, held_idx, cfg.beta, cfg.seed + 23)
         return out

@@ -25,6 +25,7 @@ from alignment.dpo import (
     adapters_disabled,
     add_unet_lora,
     dpo_step_losses,
+    dpo_timesteps,
     load_unet_dpo,
     pair_errors,
     split_pairs,
@@ -43,6 +44,7 @@ from llm_bridge.connector import ConnectorConfig
 from planner.planner import Planner
 from planner.schema import Plan
 from planner.tokens import format_prompt
+from safeio import InputError
 from toyworld import vocab as V
 from toyworld.eval.runner import read_folder
 from toyworld.grammar import FAMILIES
@@ -269,6 +271,30 @@ def _tiny_dpo_setup(b: int = 4):
     cond = Conditioning(torch.randn(b, 5, 32, generator=g), torch.ones(b, 5, dtype=torch.bool))
     zw, zl = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
     return unet, scheduler, cond, zw, zl
+
+
+def test_dpo_timesteps_are_drawn_from_the_configured_range(monkeypatch):
+    unet, scheduler, cond, zw, zl = _tiny_dpo_setup()
+    seen = []
+    real = alignment.dpo.policy_and_reference_errors
+
+    def spy(unet, scheduler, cond, ref_cond, zw, zl, noise, t, reference=None):
+        seen.append(t.clone())
+        return real(unet, scheduler, cond, ref_cond, zw, zl, noise, t, reference)
+
+    monkeypatch.setattr(alignment.dpo, "policy_and_reference_errors", spy)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        dpo_step_losses(unet, scheduler, cond, zw, zl, beta=1.0, generator=g, timesteps=(700, 1000))
+    drawn = torch.cat(seen)
+    assert drawn.min() >= 700 and drawn.max() < 1000
+    n = scheduler.config.num_train_timesteps
+    assert dpo_timesteps(DPOTrainConfig(), scheduler) is None  # the default: every timestep
+    assert dpo_timesteps(DPOTrainConfig(min_timestep=500), scheduler) == (500, n)
+    with pytest.raises(InputError, match="past the scheduler"):
+        dpo_timesteps(DPOTrainConfig(max_timestep=n + 1), scheduler)
+    with pytest.raises(InputError, match="min_timestep < max_timestep"):
+        DPOTrainConfig(min_timestep=600, max_timestep=600)
 
 
 def test_unet_lora_starts_as_the_reference_and_disabling_gives_the_base_unet():
