@@ -178,25 +178,7 @@ def load_preference_pairs(
     for column in needed:
         if column not in ds.column_names:
             raise DataPrepError(f"preference data {path} has no column {column!r} (columns: {ds.column_names})")
-    labels = ds[label_column]
-    different = ds["are_different"] if "are_different" in ds.column_names else [True] * len(ds)
-    gaps = _score_gaps(ds, score_columns, path) if min_score_gap > 0 else [np.inf] * len(ds)
-    report = {"rows": len(ds), "ties": 0, "not_different": 0, "empty_caption": 0, "small_gap": 0}
-    kept = []
-    for i, (label, diff, caption, gap) in enumerate(zip(labels, different, ds[caption_column], gaps)):
-        if label is None or float(label) not in (0.0, 0.5, 1.0):
-            raise DataPrepError(f"preference data {path}, row {i}: {label_column} is {label!r}, not 0, 1 or 0.5")
-        if diff is False:
-            report["not_different"] += 1
-        elif float(label) == 0.5:
-            report["ties"] += 1
-        elif not (caption or "").strip():
-            report["empty_caption"] += 1
-        elif gap < min_score_gap:
-            report["small_gap"] += 1
-        else:
-            kept.append(i)
-    report["kept"] = len(kept)
+    kept, report = _kept_rows(ds, path, caption_column, label_column, min_score_gap, score_columns)
     logger.info("preference pairs from %s: %s", path, report)
     first, second = image_columns
 
@@ -220,6 +202,31 @@ def load_preference_pairs(
         features=features, desc="decoding preference pairs", load_from_cache_file=False,
     )  # fmt: skip
     return (pairs, report) if with_report else pairs
+
+
+def _kept_rows(ds, path, caption_column: str, label_column: str, min_score_gap: float,
+               score_columns: tuple[str, str]) -> tuple[list[int], dict[str, int]]:  # fmt: skip
+    """The rows `load_preference_pairs` keeps, and the report counting the dropped ones by reason."""
+    labels = ds[label_column]
+    different = ds["are_different"] if "are_different" in ds.column_names else [True] * len(ds)
+    gaps = _score_gaps(ds, score_columns, path) if min_score_gap > 0 else [np.inf] * len(ds)
+    report = {"rows": len(ds), "ties": 0, "not_different": 0, "empty_caption": 0, "small_gap": 0}
+    kept = []
+    for i, (label, diff, caption, gap) in enumerate(zip(labels, different, ds[caption_column], gaps)):
+        if label is None or float(label) not in (0.0, 0.5, 1.0):
+            raise DataPrepError(f"preference data {path}, row {i}: {label_column} is {label!r}, not 0, 1 or 0.5")
+        if diff is False:
+            report["not_different"] += 1
+        elif float(label) == 0.5:
+            report["ties"] += 1
+        elif not (caption or "").strip():
+            report["empty_caption"] += 1
+        elif gap < min_score_gap:
+            report["small_gap"] += 1
+        else:
+            kept.append(i)
+    report["kept"] = len(kept)
+    return kept, report
 
 
 def _load_several(paths: list, with_report: bool, **options):
