@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from alignment.loop import EpochSampler, fit, make_optimizer, warmup_cosine
 from alignment.lora import lora_factors
 from alignment.losses import DPOLoss, diffusion_dpo_loss, diffusion_target
-from alignment.preference import load_preference_pairs
+from alignment.preference import GROUP_COLUMN, load_preference_pairs
 from alignment.stages import build_config, check_positive, read_yaml_mapping
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.sampling import encode_images, unet_forward
@@ -357,7 +357,7 @@ def train_dpo(cfg: DPOTrainConfig, unet, vae, scheduler, source: Callable[[list[
     sources = [p.strip() for p in cfg.pairs.split(",") if p.strip()]
     pairs = load_preference_pairs(sources if len(sources) > 1 else cfg.pairs, seed=cfg.seed,
                                   resolution=image_resolution(unet, vae), min_score_gap=cfg.min_score_gap)  # fmt: skip
-    train_idx, held_idx = split_pairs(list(pairs["group"]), cfg.heldout_fraction, cfg.seed)
+    train_idx, held_idx = split_pairs(list(pairs[GROUP_COLUMN]), cfg.heldout_fraction, cfg.seed)
     if len(train_idx) < cfg.batch_size:
         raise InputError(f"preference data {cfg.pairs} has {len(train_idx)} training pairs, fewer than one batch "
                          f"({cfg.batch_size})")  # fmt: skip

@@ -190,10 +190,10 @@ def load_preference_pairs(
             image = decode_image(row[column], f"preference data {path}, row {i}, column {column!r}")
             images[key] = Image.fromarray(square_image(image, resolution, center_crop, rng))
         caption = " ".join(row[caption_column].split())
-        return {"caption": caption, "group": row.get(GROUP_COLUMN) or caption, **images}
+        return {"caption": caption, GROUP_COLUMN: row.get(GROUP_COLUMN) or caption, **images}
 
     features = datasets.Features(
-        {"caption": datasets.Value("string"), "group": datasets.Value("string"), "image_w": datasets.Image(),
+        {"caption": datasets.Value("string"), GROUP_COLUMN: datasets.Value("string"), "image_w": datasets.Image(),
          "image_l": datasets.Image()}
     )  # fmt: skip
     index = np.asarray(kept, dtype=np.int64)

@@ -43,15 +43,20 @@ def candidate_wordings(plan: str, caption: str, tries: int, rng: np.random.Gener
     return [w for w in dict.fromkeys(drawn) if w != caption]
 
 
+def plan_texts(writer, texts: list[str]) -> list[str | None]:
+    """The writer's plan text of each text (None where it wrote no valid plan)."""
+    return [r.plan.to_text() if r.plan is not None else None for r in writer.plan(texts)] if texts else []
+
+
 def writer_rewordings(writer, captions: list[str], per_caption: int, tries: int, seed: int) -> list[list[str]]:
     """Per caption, up to ``per_caption`` wordings that the writer plans to the caption's own plan text."""
-    plans = [r.plan.to_text() if r.plan is not None else None for r in writer.plan(captions)]
+    plans = plan_texts(writer, captions)
     candidates = [
         candidate_wordings(p, c, tries, np.random.default_rng([seed, i])) if p is not None else []
         for i, (c, p) in enumerate(zip(captions, plans))
     ]
     flat = [w for ws in candidates for w in ws]
-    flat_plans = [r.plan.to_text() if r.plan is not None else None for r in writer.plan(flat)] if flat else []
+    flat_plans = plan_texts(writer, flat)
     out, start = [], 0
     for plan, ws in zip(plans, candidates):
         theirs = flat_plans[start : start + len(ws)]
