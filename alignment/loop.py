@@ -323,6 +323,8 @@ class TrainLoop:
             record[k] = float(acc.reduce(v, "mean"))  # over processes
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if acc.device.type == "cuda":  # the cost of a run on a GPU: its peak allocated memory so far
+            record["cuda_peak_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         if self.logger is not None and acc.is_main_process:
             lr = self.lr_scheduler.get_last_lr()[0]
             self.logger.log(step=self.step_offset + step, **self.log_fields, lr=lr, sec_per_step=sec_per_step,

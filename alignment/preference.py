@@ -11,7 +11,8 @@ worst, and ``PairWriter(all_pairs=True)`` every pair whose scores differ.
 
 `load_preference_pairs` reads such pairs back, or Pick-a-Pic's own files (a local Parquet file or `datasets`
 folder), into the form the preference trainers use: ``caption``, ``group``, ``image_w``, ``image_l``;
-`reword_pairs` repeats pairs under other wordings of their captions.
+`reword_pairs` repeats pairs under other wordings of their captions; `self_play_plan_pairs` makes plan pairs from
+a data set's own (prompt, plan) rows, the data's plan against the planner's differing plans (self-play, as SPIN).
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from alignment.prepared import DataPrepError, decode_image, read_source, square_image
+from planner.planner import Planner
+from planner.schema import Plan, PlanSpec
 from safeio import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -117,6 +122,47 @@ class PairWriter:
         if self.plan_rows:
             _save(datasets.Dataset.from_list(self.plan_rows), folder / "plans")
         return counts
+
+
+def self_play_plan_pairs(
+    planner: Planner,
+    rows: Sequence[tuple[str, str]],
+    same: Callable[[Plan, Plan | None], bool],
+    *,
+    samples: int = 3,
+    temperature: float = 1.0,
+    seed: int = 0,
+    spec: PlanSpec | None = None,
+    batch_size: int = 64,
+    writer: PairWriter | None = None,
+) -> tuple[PairWriter, dict[str, int]]:
+    """Plan pairs by self-play (SPIN, Chen et al. 2024): for each ``(prompt, plan)`` row of a training set, the
+    planner's greedy plan and ``samples`` sampled plans (``temperature``, a generator seeded by ``seed``); every
+    distinct one that ``same(data plan, plan)`` calls different is the rejected side of a pair whose chosen side
+    is the row's own plan. The preference comes from the data the planner was trained on, never from a judge of
+    images. Returns the `PairWriter` (``writer`` or a new one) and a report: rows, greedy plans right, rows with
+    a pair, pairs."""
+    if samples < 0 or temperature <= 0:
+        raise ValueError(f"samples must be >= 0 and temperature > 0, got {samples} and {temperature}")
+    if not rows:
+        raise DataPrepError("self-play plan pairs: no rows")
+    writer = writer or PairWriter()
+    prompts = [prompt for prompt, _ in rows]
+    gold = [Plan.parse(plan, spec) for _, plan in rows]
+    generator = torch.Generator().manual_seed(seed)
+    runs = [planner.plan(prompts, batch_size=batch_size)]
+    for _ in tqdm(range(samples), desc="sampling plans", disable=samples == 0):
+        runs.append(planner.plan(prompts, batch_size=batch_size, do_sample=True, temperature=temperature,
+                                 generator=generator))  # fmt: skip
+    report = {"rows": len(rows), "greedy_right": 0, "rows_with_pair": 0, "pairs": 0}
+    for i, (prompt, want) in enumerate(zip(prompts, gold)):
+        report["greedy_right"] += bool(same(want, runs[0][i].plan))
+        wrong = {r[i].plan.to_text() for r in runs if r[i].plan is not None and not same(want, r[i].plan)}
+        for text in sorted(wrong):
+            writer.add_plans(prompt, want.to_text(), text)
+        report["rows_with_pair"] += bool(wrong)
+        report["pairs"] += len(wrong)
+    return writer, report
 
 
 def _save(ds: datasets.Dataset, folder: Path) -> None:

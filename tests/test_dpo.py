@@ -34,7 +34,7 @@ from alignment.dpo import (
 from alignment.loop import make_optimizer
 from alignment.losses import diffusion_dpo_loss
 from alignment.planner_dpo import PlannerDPOConfig, plan_pairs, train_planner_dpo
-from alignment.preference import PairWriter
+from alignment.preference import PairWriter, self_play_plan_pairs
 from alignment.prepared import DataPrepError
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.injection import time_embedding_dim
@@ -413,6 +413,31 @@ def test_planner_dpo_trains_a_lora_that_the_planner_loads_and_prefers_the_chosen
     assert tuned.plan(["a red circle"])[0].plan is not None  # it still plans (constrained)
     merged = Planner.from_pretrained(tmp_path / "dpo" / "final" / "writer", spec=V.TOY_PLAN_SPEC)  # for --writer
     torch.testing.assert_close(logprob(merged, GOOD), logprob(tuned, GOOD), atol=1e-4, rtol=1e-4)
+
+
+def test_self_play_pairs_put_the_datas_plan_against_every_differing_plan_of_the_planner(tmp_path):
+    planner = Planner.from_pretrained(save_tiny_planner(tmp_path / "llm", "llama"), spec=V.TOY_PLAN_SPEC)
+    rows = [("a red circle", GOOD), ("one blue square", BAD)]
+    greedy = [r.plan.to_text() for r in planner.plan([p for p, _ in rows])]
+
+    def same(want, got):
+        return got is not None and want.to_text() == got.to_text()
+
+    options = {"samples": 3, "temperature": 1.5, "seed": 0, "spec": V.TOY_PLAN_SPEC}
+    writer, report = self_play_plan_pairs(planner, rows, same, **options)
+    assert report["rows"] == 2 and report["pairs"] == len(writer.plan_rows) >= 1
+    assert report["greedy_right"] == sum(g == Plan.parse(p).to_text() for g, (_, p) in zip(greedy, rows))
+    for row in writer.plan_rows:  # chosen: the row's own plan; rejected: a different plan the planner wrote
+        want = dict(rows)[row["prompt"]]
+        assert row["chosen"] == Plan.parse(want).to_text() != row["rejected"]
+        Plan.parse(row["rejected"], V.TOY_PLAN_SPEC)
+    assert len({tuple(r.values()) for r in writer.plan_rows}) == len(writer.plan_rows)  # distinct pairs
+    again, _ = self_play_plan_pairs(planner, rows, same, **options)
+    assert again.plan_rows == writer.plan_rows  # seeded
+    everything_same, report = self_play_plan_pairs(planner, rows, lambda w, g: True, samples=1)
+    assert everything_same.plan_rows == [] and report["greedy_right"] == 2
+    with pytest.raises(DataPrepError, match="no rows"):
+        self_play_plan_pairs(planner, [], same)
 
 
 def test_plan_pairs_with_a_broken_plan_name_the_row(tmp_path):
