@@ -24,7 +24,7 @@ from alignment.prepared import DataPrepError, read_source
 from planner.planner import Planner
 from planner.schema import Plan, PlanError, PlanSpec
 from planner.tokens import format_prompt
-from safeio import atomic_dir, atomic_write_json
+from safeio import InputError, atomic_dir, atomic_write_json
 
 
 @dataclass
@@ -35,6 +35,9 @@ class PlannerDPOConfig:
     out: str = "runs/planner_dpo"
     beta: float = 0.1  # DPO's KL strength (Rafailov et al.; TRL's default)
     loss_type: str = "sigmoid"  # TRL's loss types; sigmoid is the DPO paper's
+    # + this x the NLL of the chosen plan (TRL's "sft" loss beside the DPO one; RPO, Pang et al. 2024): DPO alone
+    # may lower the chosen plan's likelihood together with the rejected one's
+    sft_weight: float = 0.0
     lora_rank: int = 8
     lora_alpha: float | None = None  # None: 2 * rank
     lr: float = 5e-5
@@ -77,12 +80,22 @@ def plan_pairs(path: str | Path, tokenizer, spec: PlanSpec | None = None) -> dat
     return datasets.Dataset.from_dict(rows)
 
 
+def _loss_options(cfg: PlannerDPOConfig) -> dict:
+    """TRL's loss arguments: the DPO loss alone, or with an SFT term on the chosen plans weighted ``sft_weight``."""
+    if cfg.sft_weight < 0:
+        raise InputError(f"sft_weight must be >= 0, got {cfg.sft_weight}")
+    if cfg.sft_weight == 0:
+        return {"loss_type": cfg.loss_type}
+    return {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
+
+
 def train_planner_dpo(cfg: PlannerDPOConfig, spec: PlanSpec | None = None) -> Path:
     """DPO of a LoRA adapter on ``cfg.planner`` (with ``cfg.adapter`` merged in) with TRL; returns the adapter
     folder ``cfg.out/final/adapter``. ``cfg.out/final/writer`` holds the planner with every adapter merged: a planner
     folder for ``plan2img generate|eval --writer``."""
     from trl import DPOConfig, DPOTrainer  # TRL pulls in much at import; only this command needs it
 
+    loss = _loss_options(cfg)  # bad options fail before anything loads
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -95,7 +108,7 @@ def train_planner_dpo(cfg: PlannerDPOConfig, spec: PlanSpec | None = None) -> Pa
     args = DPOConfig(
         output_dir=str(out / "checkpoints"),
         beta=cfg.beta,
-        loss_type=cfg.loss_type,
+        **loss,
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,

@@ -1,7 +1,8 @@
 """Evaluate planners: exact match, per-field and object F1, parse rate with and without constraints,
 latency at batch 1 and 16, and (optionally) 8-bit memory and agreement with fp32. Prints a table, writes JSON.
 
-Prompt sets: fresh prompts of the grammar's ``--splits`` (held-out / training families) and any ShapesEval
+Prompt sets: fresh prompts of the grammar's ``--splits`` (held-out / training families; ``wide``: the widened
+training grammar the shipped writer was trained on, without chatter or typos) and any ShapesEval
 metadata files (``--metadata``, scored against each entry's ``plan``). Several ``--planner`` folders are scored
 on the same prompts in one run (JSON: ``{"reports": [...]}``; one planner: its report as before).
 
@@ -22,7 +23,7 @@ from alignment.planner_sft import plan_metrics
 from planner.planner import Planner, is_adapter_dir
 from planner.schema import FIELDS
 from safeio import atomic_write_json, atomic_write_text
-from toyworld.data import fresh_examples
+from toyworld.data import fresh_examples, wide_rows
 from toyworld.eval.metadata import metadata_prompts
 from toyworld.vocab import TOY_PLAN_SPEC
 
@@ -43,7 +44,13 @@ def model_bytes(model) -> int:
 
 def prompt_sets(args) -> dict[str, tuple[list[str], list[str]]]:
     """Name -> (prompts, gold plans): the grammar splits, then each metadata file under its file stem."""
-    sets = {split: fresh_examples(split, args.n, args.seed) for split in args.splits}
+    sets = {}
+    for split in args.splits:
+        if split == "wide":
+            rows = wide_rows(args.n, args.seed, augment=False)
+            sets[split] = ([prompt for prompt, _ in rows], [plan for _, plan in rows])
+        else:
+            sets[split] = fresh_examples(split, args.n, args.seed)
     for path in args.metadata:
         sets[Path(path).stem] = metadata_prompts(path)
     return sets
@@ -113,7 +120,7 @@ if __name__ == "__main__":
     p.add_argument("--base-planner", default="toyworld/pretrained/planner", help="the planner adapters are trained on")
     p.add_argument("--n", type=int, default=500, help="prompts per grammar split")
     p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--splits", nargs="*", default=["heldout", "train"], choices=["heldout", "train"])
+    p.add_argument("--splits", nargs="*", default=["heldout", "train"], choices=["heldout", "train", "wide"])
     p.add_argument("--metadata", nargs="*", default=[], help="ShapesEval metadata JSONL files with 'plan' fields")
     p.add_argument("--decoding", nargs="+", default=list(DECODINGS), choices=DECODINGS)
     p.add_argument("--int8", action="store_true", help="also load in 8-bit and compare with fp32 on 200 prompts")

@@ -384,7 +384,8 @@ GOOD = ("<IMG_BEGIN> <STYLE> plain background <LAYOUT> 1 object, center <OBJECT>
 BAD = GOOD.replace("red circle", "blue square").replace("<COLOR> red", "<COLOR> blue")
 
 
-def test_planner_dpo_trains_a_lora_that_the_planner_loads_and_prefers_the_chosen_plan(tmp_path):
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
+def test_planner_dpo_trains_a_lora_that_the_planner_loads_and_prefers_the_chosen_plan(tmp_path, sft_weight):
     planner_dir = save_tiny_planner(tmp_path / "llm", "qwen2")
     writer = PairWriter()
     for prompt in ("a red circle", "one red circle in the middle", "a circle, red", "red circle please"):
@@ -392,7 +393,7 @@ def test_planner_dpo_trains_a_lora_that_the_planner_loads_and_prefers_the_chosen
     writer.save(tmp_path / "pairs")
     cfg = PlannerDPOConfig(pairs=str(tmp_path / "pairs" / "plans"), planner=str(planner_dir),
                            out=str(tmp_path / "dpo"), lora_rank=4, lr=5e-3, max_steps=6, batch_size=2, logging_steps=2,
-                           precompute_ref_log_probs=True)  # fmt: skip
+                           precompute_ref_log_probs=True, sft_weight=sft_weight)  # fmt: skip
     adapter = train_planner_dpo(cfg, V.TOY_PLAN_SPEC)
     log = [json.loads(x) for x in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in log)
@@ -410,6 +411,8 @@ def test_planner_dpo_trains_a_lora_that_the_planner_loads_and_prefers_the_chosen
         return logits.log_softmax(-1).gather(1, ids[0, n:, None]).sum()
 
     assert logprob(tuned, GOOD) - logprob(tuned, BAD) > logprob(base, GOOD) - logprob(base, BAD)
+    if sft_weight:  # the SFT term on the chosen plans raises their likelihood, not only the margin
+        assert logprob(tuned, GOOD) > logprob(base, GOOD)
     assert tuned.plan(["a red circle"])[0].plan is not None  # it still plans (constrained)
     merged = Planner.from_pretrained(tmp_path / "dpo" / "final" / "writer", spec=V.TOY_PLAN_SPEC)  # for --writer
     torch.testing.assert_close(logprob(merged, GOOD), logprob(tuned, GOOD), atol=1e-4, rtol=1e-4)
@@ -438,6 +441,12 @@ def test_self_play_pairs_put_the_datas_plan_against_every_differing_plan_of_the_
     assert everything_same.plan_rows == [] and report["greedy_right"] == 2
     with pytest.raises(DataPrepError, match="no rows"):
         self_play_plan_pairs(planner, [], same)
+
+
+def test_planner_dpo_refuses_a_negative_sft_weight_before_loading_anything(tmp_path):
+    with pytest.raises(InputError, match="sft_weight must be >= 0"):
+        train_planner_dpo(PlannerDPOConfig(pairs=str(tmp_path / "none"), out=str(tmp_path / "o"), sft_weight=-1.0))
+    assert not (tmp_path / "o").exists()
 
 
 def test_plan_pairs_with_a_broken_plan_name_the_row(tmp_path):
