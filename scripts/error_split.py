@@ -24,10 +24,16 @@ from toyworld.eval.runner import PACKAGE_METADATA
 from toyworld.pretrained import pretrained_path
 
 
-def writer_right(prompts: list[str], gold: list[str]) -> list[bool]:
-    """Whether the shipped writer's greedy plan of each prompt says what the prompt's plan says."""
+def writer_right(prompts: list[str], gold: list[str], writer_dir: str | None = None) -> list[bool]:
+    """Whether the writer's greedy plan of each prompt says what the prompt's plan says (``writer_dir``: a planner
+    folder, e.g. a planner-DPO run's ``final/writer``; None: the shipped writer)."""
     spec = V.TOY_PLAN_SPEC
-    writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide"))
+    if writer_dir:
+        writer = Planner.from_pretrained(writer_dir, spec=spec)
+    else:
+        writer = Planner.from_pretrained(
+            pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide")
+        )
     plans = [r.plan for r in writer.plan(prompts)]
     return [says_the_same(Plan.parse(g, spec), p, V.OBJECT_GRAMMAR) for p, g in zip(plans, gold)]
 
@@ -47,6 +53,9 @@ def main() -> None:
     p.add_argument("rows", nargs="+", help="label=run folder (results.jsonl of a ShapesEval run)")
     p.add_argument("--split", choices=sorted(PACKAGE_METADATA), default="heldout")
     p.add_argument("--metadata", default=None, help="a metadata.jsonl instead of --split's (prompts with plans)")
+    p.add_argument(
+        "--writer", default=None, help="a planner folder whose plans are checked (default: the shipped writer)"
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
     gold = {e["prompt"]: e["plan"] for e in read_metadata(args.metadata or PACKAGE_METADATA[args.split])}
@@ -59,7 +68,7 @@ def main() -> None:
     missing = [q for q in prompts if q not in gold]
     if missing:
         raise SystemExit(f"error: {len(missing)} prompts are not in the metadata, e.g. {missing[0]!r}")
-    right = dict(zip(prompts, writer_right(prompts, [gold[q] for q in prompts])))
+    right = dict(zip(prompts, writer_right(prompts, [gold[q] for q in prompts], args.writer)))
     out = {label: split_row(rs, right) for label, rs in runs.items()}
     print(f"writer's plan right on {sum(right.values())}/{len(right)} prompts")
     print("| row | accuracy | plan-right images right | plan-wrong images right | image-side ceiling |")
