@@ -531,6 +531,15 @@ def test_error_split_counts_images_by_whether_the_writer_plans_their_prompt_righ
     assert row["accuracy"] == pytest.approx(2 / 5) and row["image_side_ceiling"] == pytest.approx(3 / 5)
 
 
+def test_error_split_checks_the_plans_of_the_writer_it_is_given(tmp_path):
+    red = "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center "
+    red += "<COLOR> red <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>"
+    writer_right = _script("error_split").writer_right
+    assert writer_right(["a red circle"], [red]) == [True]  # the shipped writer
+    untrained = save_tiny_planner(tmp_path / "llm", "llama")  # random weights: it does not write this plan
+    assert writer_right(["a red circle"], [red], str(untrained)) == [False]
+
+
 def _script(name: str):
     """scripts/NAME.py as a module, for testing its functions."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "scripts" / f"{name}.py")
