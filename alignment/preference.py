@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from alignment.prepared import DataPrepError, decode_image, read_source, square_image
 from planner.planner import Planner
-from planner.schema import Plan, PlanSpec
+from planner.schema import Plan, PlanError, PlanSpec
 from safeio import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -147,13 +147,19 @@ def self_play_plan_pairs(
     if not rows:
         raise DataPrepError("self-play plan pairs: no rows")
     writer = writer or PairWriter()
-    prompts = [prompt for prompt, _ in rows]
-    gold = [Plan.parse(plan, spec) for _, plan in rows]
+    prompts, gold = [], []
+    for i, (prompt, plan) in enumerate(rows):
+        try:
+            gold.append(Plan.parse(plan, spec))
+        except PlanError as err:
+            message = f"self-play plan pairs, row {i} ({prompt!r}): its plan does not parse: {err}"
+            raise DataPrepError(message) from None
+        prompts.append(prompt)
     generator = torch.Generator().manual_seed(seed)
-    runs = [planner.plan(prompts, batch_size=batch_size)]
-    for _ in tqdm(range(samples), desc="sampling plans", disable=samples == 0):
-        runs.append(planner.plan(prompts, batch_size=batch_size, do_sample=True, temperature=temperature,
-                                 generator=generator))  # fmt: skip
+    runs = []
+    for k in tqdm(range(samples + 1), desc="writing plans (greedy, then sampled)"):
+        runs.append(planner.plan(prompts, batch_size=batch_size, do_sample=k > 0, temperature=temperature,
+                                 generator=generator if k > 0 else None))  # fmt: skip
     report = {"rows": len(rows), "greedy_right": 0, "rows_with_pair": 0, "pairs": 0}
     for i, (prompt, want) in enumerate(zip(prompts, gold)):
         report["greedy_right"] += bool(same(want, runs[0][i].plan))

@@ -441,6 +441,8 @@ def test_self_play_pairs_put_the_datas_plan_against_every_differing_plan_of_the_
     assert everything_same.plan_rows == [] and report["greedy_right"] == 2
     with pytest.raises(DataPrepError, match="no rows"):
         self_play_plan_pairs(planner, [], same)
+    with pytest.raises(DataPrepError, match=r"row 1 \('x'\): its plan does not parse"):
+        self_play_plan_pairs(planner, [rows[0], ("x", "<IMG_BEGIN> nonsense")], same)
 
 
 def test_planner_dpo_refuses_a_negative_sft_weight_before_loading_anything(tmp_path):
