@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ from planner.tokens import format_prompt
 from safeio import InputError
 from toyworld import vocab as V
 from toyworld.eval.runner import read_folder
-from toyworld.grammar import FAMILIES
+from toyworld.grammar import FAMILIES, HELDOUT_PHRASES
 from toyworld.pretrained import pretrained_path
 
 
@@ -443,6 +444,23 @@ def test_self_play_pairs_put_the_datas_plan_against_every_differing_plan_of_the_
         self_play_plan_pairs(planner, [], same)
     with pytest.raises(DataPrepError, match=r"row 1 \('x'\): its plan does not parse"):
         self_play_plan_pairs(planner, [rows[0], ("x", "<IMG_BEGIN> nonsense")], same)
+
+
+def test_mine_plan_pairs_script_writes_trl_pairs_from_training_rows_and_a_report(tmp_path):
+    script = Path(__file__).parent.parent / "scripts" / "mine_plan_pairs.py"
+    out = tmp_path / "pairs"
+    done = subprocess.run([sys.executable, str(script), "--rows", "24", "--seed", "3", "--samples", "1",
+                           "--temperature", "2.0", "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == 24 and report["config"]["seed"] == 3
+    assert report["pairs"] > 0 and report["rows_with_pair"] <= report["pairs"]  # sampling hot: some plans differ
+    writer = Planner.from_pretrained(pretrained_path("planner"), spec=V.TOY_PLAN_SPEC)
+    rows = plan_pairs(out / "plans", writer.tokenizer, V.TOY_PLAN_SPEC)  # what train_planner_dpo reads
+    assert len(rows) == report["pairs"]
+    prompts = datasets.load_from_disk(str(out / "plans"))["prompt"]
+    said = [(q, p) for q in prompts for p in HELDOUT_PHRASES if re.search(rf"\b{re.escape(p)}\b", q.lower())]
+    assert said == []  # training wordings only: no held-out frame's phrase
 
 
 def test_planner_dpo_refuses_a_negative_sft_weight_before_loading_anything(tmp_path):
