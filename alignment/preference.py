@@ -134,19 +134,18 @@ def self_play_plan_pairs(
     seed: int = 0,
     spec: PlanSpec | None = None,
     batch_size: int = 64,
-    writer: PairWriter | None = None,
 ) -> tuple[PairWriter, dict[str, int]]:
     """Plan pairs by self-play (SPIN, Chen et al. 2024): for each ``(prompt, plan)`` row of a training set, the
     planner's greedy plan and ``samples`` sampled plans (``temperature``, a generator seeded by ``seed``); every
     distinct one that ``same(data plan, plan)`` calls different is the rejected side of a pair whose chosen side
     is the row's own plan. The preference comes from the data the planner was trained on, never from a judge of
-    images. Returns the `PairWriter` (``writer`` or a new one) and a report: rows, greedy plans right, rows with
-    a pair, pairs."""
+    images. Returns a `PairWriter` holding the pairs and a report: rows, greedy plans right, rows with a pair,
+    pairs."""
     if samples < 0 or temperature <= 0:
         raise ValueError(f"samples must be >= 0 and temperature > 0, got {samples} and {temperature}")
     if not rows:
         raise DataPrepError("self-play plan pairs: no rows")
-    writer = writer or PairWriter()
+    writer = PairWriter()
     prompts, gold = [], []
     for i, (prompt, plan) in enumerate(rows):
         try:
@@ -162,8 +161,10 @@ def self_play_plan_pairs(
                                  generator=generator if k > 0 else None))  # fmt: skip
     report = {"rows": len(rows), "greedy_right": 0, "rows_with_pair": 0, "pairs": 0}
     for i, (prompt, want) in enumerate(zip(prompts, gold)):
-        report["greedy_right"] += bool(same(want, runs[0][i].plan))
-        wrong = {r[i].plan.to_text() for r in runs if r[i].plan is not None and not same(want, r[i].plan)}
+        plans = [r[i].plan for r in runs]  # greedy first
+        right = [bool(same(want, plan)) for plan in plans]
+        report["greedy_right"] += right[0]
+        wrong = {plan.to_text() for plan, ok in zip(plans, right) if plan is not None and not ok}
         for text in sorted(wrong):
             writer.add_plans(prompt, want.to_text(), text)
         report["rows_with_pair"] += bool(wrong)
