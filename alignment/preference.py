@@ -12,11 +12,13 @@ worst, and ``PairWriter(all_pairs=True)`` every pair whose scores differ.
 `load_preference_pairs` reads such pairs back, or Pick-a-Pic's own files (a local Parquet file or `datasets`
 folder), into the form the preference trainers use: ``caption``, ``group``, ``image_w``, ``image_l``;
 `reword_pairs` repeats pairs under other wordings of their captions; `self_play_plan_pairs` makes plan pairs from
-a data set's own (prompt, plan) rows, the data's plan against the planner's differing plans (self-play, as SPIN).
+a data set's own (prompt, plan) rows, the data's plan against the planner's differing plans (self-play, as SPIN);
+`contrast_plan_pairs` makes minimal pairs from the same rows, the plan against a copy with its objects moved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 
 from alignment.prepared import DataPrepError, decode_image, read_source, square_image
 from planner.planner import Planner
-from planner.schema import Plan, PlanError, PlanSpec
+from planner.schema import Plan, PlanError, PlanObject, PlanSpec, replace_fields
 from safeio import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -170,6 +172,80 @@ def self_play_plan_pairs(
         report["rows_with_pair"] += bool(wrong)
         report["pairs"] += len(wrong)
     return writer, report
+
+
+# Hard negatives of `contrast_plan_pairs`: each two-slot region mirrored, or moved to the other arrangement.
+MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+REARRANGED = {"left": "top", "right": "bottom", "top": "left", "bottom": "right"}
+CONTRASTS = ("mirror", "rearrange", "color")
+
+
+def contrast_plan_pairs(
+    rows: Sequence[tuple[str, str]], spec: PlanSpec, kinds: Sequence[str] = CONTRASTS
+) -> tuple[PairWriter, dict[str, int]]:
+    """Minimal-pair plan pairs: for each ``(prompt, plan)`` row whose objects sit in two-slot regions (side by
+    side or stacked), the row's plan is chosen against copies of it that change one thing:
+
+    - ``mirror``: every region mirrored (left <-> right, top <-> bottom): the objects trade places;
+    - ``rearrange``: side by side becomes stacked and back (left -> top, right -> bottom);
+    - ``color``: the COLOR field repeats the first object's color for every object (only where colors differ).
+
+    LAYOUT and COLOR of a moved plan are derived again (``spec.derive``), so a rejected plan is a coherent
+    scene that says something else, except under ``color``, whose COLOR contradicts its objects. A mirror that
+    leaves the scene the same (two like objects) gives no pair. The preference comes from the data's own plans:
+    no planner runs, no image is judged. Returns a `PairWriter` and a report (rows, rows with a pair, pairs per
+    kind)."""
+    unknown = sorted(set(kinds) - set(CONTRASTS))
+    if unknown or not kinds:
+        raise ValueError(f"contrast kinds must be some of {CONTRASTS}, got {list(kinds)}")
+    if spec.object_grammar is None or spec.derive is None:
+        raise ValueError("contrast_plan_pairs needs a plan spec with an object grammar and derive")
+    if not rows:
+        raise DataPrepError("contrast plan pairs: no rows")
+    writer = PairWriter()
+    report = {"rows": len(rows), "rows_with_pair": 0, **{k: 0 for k in kinds}}
+    for i, (prompt, text) in enumerate(rows):
+        try:
+            plan = Plan.parse(text, spec)
+        except PlanError as err:
+            raise DataPrepError(f"contrast plan pairs, row {i} ({prompt!r}): its plan does not parse: {err}") from None
+        negatives = _contrasts(plan, spec, kinds)
+        for kind, rejected in negatives.items():
+            writer.add_plans(prompt, plan.to_text(), rejected.to_text())
+            report[kind] += 1
+        report["rows_with_pair"] += bool(negatives)
+    report["pairs"] = sum(report[k] for k in kinds)
+    return writer, report
+
+
+def _contrasts(plan: Plan, spec: PlanSpec, kinds: Sequence[str]) -> dict[str, Plan]:
+    """The hard negatives of one plan by kind (`contrast_plan_pairs`); empty unless every object is placed in a
+    two-slot region."""
+    objects = plan.structured_objects(spec.object_grammar)
+    if not objects or any(not o.positions or set(o.positions) - set(MIRRORED) for o in objects):
+        return {}
+    out: dict[str, Plan] = {}
+    for kind, table in (("mirror", MIRRORED), ("rearrange", REARRANGED)):
+        if kind not in kinds:
+            continue
+        moved = [dataclasses.replace(o, positions=tuple(table[p] for p in o.positions)) for o in objects]
+        if _placements(moved) != _placements(objects):
+            fields = [(n, t) for n, t in plan.fields() if n != "OBJECT"] + [("OBJECT", o.to_text()) for o in moved]
+            derived = spec.derive(fields)
+            out[kind] = replace_fields(plan, objects=tuple(o.to_text() for o in moved), **_lower(derived))
+    colors = [o.color for o in objects]
+    if "color" in kinds and None not in colors and len(set(colors)) > 1:
+        out["color"] = replace_fields(plan, color=", ".join([colors[0]] * len(colors)))
+    return out
+
+
+def _placements(objects: Sequence[PlanObject]) -> list[tuple[str, str]]:
+    """What sits where: (the object without its regions, region) per instance, sorted."""
+    return sorted((dataclasses.replace(o, positions=()).to_text(), p) for o in objects for p in o.positions)
+
+
+def _lower(fields: dict[str, str]) -> dict[str, str]:
+    return {name.lower(): text for name, text in fields.items()}
 
 
 def _save(ds: datasets.Dataset, folder: Path) -> None:

@@ -35,7 +35,7 @@ from alignment.dpo import (
 from alignment.loop import make_optimizer
 from alignment.losses import diffusion_dpo_loss
 from alignment.planner_dpo import PlannerDPOConfig, plan_pairs, train_planner_dpo
-from alignment.preference import PairWriter, self_play_plan_pairs
+from alignment.preference import PairWriter, contrast_plan_pairs, self_play_plan_pairs
 from alignment.prepared import DataPrepError
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.injection import time_embedding_dim
@@ -461,6 +461,45 @@ def test_mine_plan_pairs_script_writes_trl_pairs_from_training_rows_and_a_report
     prompts = datasets.load_from_disk(str(out / "plans"))["prompt"]
     said = [(q, p) for q in prompts for p in HELDOUT_PHRASES if re.search(rf"\b{re.escape(p)}\b", q.lower())]
     assert said == []  # training wordings only: no held-out frame's phrase
+
+
+def test_contrast_pairs_move_one_thing_and_keep_the_rejected_scene_coherent():
+    side = "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 2 objects, side by side <OBJECT> 1 medium red circle at left"
+    side += " <OBJECT> 1 small blue star at right <COLOR> red, blue <MATERIAL> solid <LIGHTING> dim light"
+    side += " <CAMERA> medium shot <IMG_END>"
+    twins = "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 2 objects, stacked <OBJECT> 2 medium red circle at top,"
+    twins += " bottom <COLOR> red <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>"
+    rows = [("a red circle left of a small blue star in dim light", side),
+            ("two red circles, one over the other", twins), ("a red circle", GOOD)]  # fmt: skip
+    writer, report = contrast_plan_pairs(rows, V.TOY_PLAN_SPEC)
+    assert report == {"rows": 3, "rows_with_pair": 2, "mirror": 1, "rearrange": 2, "color": 1, "pairs": 4}
+    got = {(r["prompt"], r["rejected"]) for r in writer.plan_rows}
+    assert all(r["chosen"] == dict(rows)[r["prompt"]] for r in writer.plan_rows)  # the data's plan is chosen
+    mirrored = side.replace("at left", "at RIGHT").replace("at right", "at left").replace("RIGHT", "right")
+    stacked = side.replace("side by side", "stacked").replace("at left", "at top").replace("at right", "at bottom")
+    recolored = side.replace("<COLOR> red, blue", "<COLOR> red, red")
+    twins_side = twins.replace("stacked", "side by side").replace("top, bottom", "left, right")
+    assert got == {(rows[0][0], mirrored), (rows[0][0], stacked), (rows[0][0], recolored), (rows[1][0], twins_side)}
+    for _, rejected in got:  # every rejected plan is a plan of the toy world (its LAYOUT derived again)
+        Plan.parse(rejected, V.TOY_PLAN_SPEC)
+    only_mirror, report = contrast_plan_pairs(rows, V.TOY_PLAN_SPEC, kinds=["mirror"])
+    assert report["pairs"] == 1 and only_mirror.plan_rows[0]["rejected"] == mirrored
+    with pytest.raises(ValueError, match="contrast kinds"):
+        contrast_plan_pairs(rows, V.TOY_PLAN_SPEC, kinds=["shuffle"])
+    with pytest.raises(DataPrepError, match="row 1 .*does not parse"):
+        contrast_plan_pairs([rows[0], ("x", "<IMG_BEGIN> nonsense")], V.TOY_PLAN_SPEC)
+
+
+def test_mine_plan_pairs_contrast_source_needs_no_planner(tmp_path):
+    script = Path(__file__).parent.parent / "scripts" / "mine_plan_pairs.py"
+    out = tmp_path / "pairs"
+    done = subprocess.run([sys.executable, str(script), "--source", "contrast", "--contrasts", "mirror",
+                           "--rows", "40", "--seed", "3", "--planner", str(tmp_path / "absent"), "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["pairs"] == report["mirror"] > 0 and "rearrange" not in report
+    assert len(datasets.load_from_disk(str(out / "plans"))) == report["pairs"]
 
 
 def test_planner_dpo_refuses_a_negative_sft_weight_before_loading_anything(tmp_path):
