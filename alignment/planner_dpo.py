@@ -29,7 +29,7 @@ from safeio import InputError, atomic_dir, atomic_write_json
 
 @dataclass
 class PlannerDPOConfig:
-    pairs: str = "runs/pairs_train/pairs/best-of/plans"  # prompt / chosen / rejected plans
+    pairs: str = "runs/pairs_train/pairs/best-of/plans"  # prompt / chosen / rejected plans; several: comma-separated
     planner: str = "toyworld/pretrained/planner"  # the planner LM the LoRA is trained on
     adapter: str | None = None  # a LoRA adapter merged into ``planner`` first (the toy writer: planner_wide)
     out: str = "runs/planner_dpo"
@@ -80,6 +80,15 @@ def plan_pairs(path: str | Path, tokenizer, spec: PlanSpec | None = None) -> dat
     return datasets.Dataset.from_dict(rows)
 
 
+def all_plan_pairs(paths: str, tokenizer, spec: PlanSpec | None = None) -> datasets.Dataset:
+    """`plan_pairs` of every comma-separated path in ``paths``, one after another (e.g. self-play and contrast
+    pairs trained together)."""
+    parts = [p.strip() for p in str(paths).split(",") if p.strip()]
+    if not parts:
+        raise DataPrepError(f"no plan-pair path in {paths!r}")
+    return datasets.concatenate_datasets([plan_pairs(p, tokenizer, spec) for p in parts])
+
+
 def _loss_options(cfg: PlannerDPOConfig) -> dict:
     """TRL's loss arguments: the DPO loss alone, or with an SFT term on the chosen plans weighted ``sft_weight``."""
     if cfg.sft_weight < 0:
@@ -101,7 +110,7 @@ def train_planner_dpo(cfg: PlannerDPOConfig, spec: PlanSpec | None = None) -> Pa
     out = Path(cfg.out)
     planner = Planner.from_pretrained(cfg.planner, spec=spec, adapter=cfg.adapter)
     tokenizer, model = planner.tokenizer, planner.model
-    rows = plan_pairs(cfg.pairs, tokenizer, spec)
+    rows = all_plan_pairs(cfg.pairs, tokenizer, spec)
     if len(rows) < cfg.batch_size:
         raise DataPrepError(f"plan pairs {cfg.pairs} have {len(rows)} rows, fewer than one batch ({cfg.batch_size})")
     atomic_write_json(out / "config.json", asdict(cfg))

@@ -34,7 +34,7 @@ from alignment.dpo import (
 )
 from alignment.loop import make_optimizer
 from alignment.losses import diffusion_dpo_loss
-from alignment.planner_dpo import PlannerDPOConfig, plan_pairs, train_planner_dpo
+from alignment.planner_dpo import PlannerDPOConfig, all_plan_pairs, plan_pairs, train_planner_dpo
 from alignment.preference import PairWriter, contrast_plan_pairs, self_play_plan_pairs
 from alignment.prepared import DataPrepError
 from diffusion_backbone.conditioning import Conditioning
@@ -519,6 +519,23 @@ def test_plan_pairs_with_a_broken_plan_name_the_row(tmp_path):
     missing.write_text(json.dumps({"prompt": "x", "chosen": GOOD}) + "\n")
     with pytest.raises(DataPrepError, match=r"lack columns \['rejected'\]"):
         plan_pairs(missing, tok, V.TOY_PLAN_SPEC)
+
+
+def test_several_plan_pair_files_are_read_one_after_another(tmp_path):
+    planner_dir = save_tiny_planner(tmp_path / "llm", "llama")
+    tok = Planner.from_pretrained(planner_dir, spec=V.TOY_PLAN_SPEC).tokenizer
+    files = []
+    for name, n in (("a", 2), ("b", 3)):
+        files.append(tmp_path / f"{name}.jsonl")
+        rows = [{"prompt": f"{name} {i}", "chosen": GOOD, "rejected": GOOD.replace("red", "blue")} for i in range(n)]
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    both = all_plan_pairs(f"{files[0]},{files[1]}", tok, V.TOY_PLAN_SPEC)
+    assert len(both) == 5 and both["prompt"][0] == plan_pairs(files[0], tok, V.TOY_PLAN_SPEC)["prompt"][0]
+    assert both["prompt"][4] == plan_pairs(files[1], tok, V.TOY_PLAN_SPEC)["prompt"][2]
+    with pytest.raises(DataPrepError, match="missing"):
+        all_plan_pairs(f"{files[0]},{tmp_path / 'missing'}", tok, V.TOY_PLAN_SPEC)
+    with pytest.raises(DataPrepError, match="no plan-pair path"):
+        all_plan_pairs(" , ", tok, V.TOY_PLAN_SPEC)
 
 
 def test_plot_dpo_draws_the_diagnostics_of_unet_and_planner_runs(tmp_path):
