@@ -148,14 +148,7 @@ def self_play_plan_pairs(
     if not rows:
         raise DataPrepError("self-play plan pairs: no rows")
     writer = PairWriter()
-    prompts, gold = [], []
-    for i, (prompt, plan) in enumerate(rows):
-        try:
-            gold.append(Plan.parse(plan, spec))
-        except PlanError as err:
-            message = f"self-play plan pairs, row {i} ({prompt!r}): its plan does not parse: {err}"
-            raise DataPrepError(message) from None
-        prompts.append(prompt)
+    prompts, gold = [prompt for prompt, _ in rows], _data_plans(rows, spec, "self-play plan pairs")
     generator = torch.Generator().manual_seed(seed)
     runs = []
     for k in tqdm(range(samples + 1), desc="writing plans (greedy, then sampled)"):
@@ -204,11 +197,7 @@ def contrast_plan_pairs(
         raise DataPrepError("contrast plan pairs: no rows")
     writer = PairWriter()
     report = {"rows": len(rows), "rows_with_pair": 0, **{k: 0 for k in kinds}}
-    for i, (prompt, text) in enumerate(rows):
-        try:
-            plan = Plan.parse(text, spec)
-        except PlanError as err:
-            raise DataPrepError(f"contrast plan pairs, row {i} ({prompt!r}): its plan does not parse: {err}") from None
+    for (prompt, _), plan in zip(rows, _data_plans(rows, spec, "contrast plan pairs")):
         negatives = _contrasts(plan, spec, kinds)
         for kind, rejected in negatives.items():
             writer.add_plans(prompt, plan.to_text(), rejected.to_text())
@@ -230,13 +219,24 @@ def _contrasts(plan: Plan, spec: PlanSpec, kinds: Sequence[str]) -> dict[str, Pl
             continue
         moved = [dataclasses.replace(o, positions=tuple(table[p] for p in o.positions)) for o in objects]
         if _placements(moved) != _placements(objects):
-            fields = [(n, t) for n, t in plan.fields() if n != "OBJECT"] + [("OBJECT", o.to_text()) for o in moved]
-            derived = spec.derive(fields)
-            out[kind] = replace_fields(plan, objects=tuple(o.to_text() for o in moved), **_lower(derived))
+            texts = tuple(o.to_text() for o in moved)
+            derived = spec.derive([(n, t) for n, t in plan.fields() if n != "OBJECT"] + [("OBJECT", t) for t in texts])
+            out[kind] = replace_fields(plan, objects=texts, **_lower(derived))
     colors = [o.color for o in objects]
     if "color" in kinds and None not in colors and len(set(colors)) > 1:
         out["color"] = replace_fields(plan, color=", ".join([colors[0]] * len(colors)))
     return out
+
+
+def _data_plans(rows: Sequence[tuple[str, str]], spec: PlanSpec | None, what: str) -> list[Plan]:
+    """The parsed plan of each ``(prompt, plan)`` row; one that does not parse is a `DataPrepError` naming the row."""
+    plans = []
+    for i, (prompt, text) in enumerate(rows):
+        try:
+            plans.append(Plan.parse(text, spec))
+        except PlanError as err:
+            raise DataPrepError(f"{what}, row {i} ({prompt!r}): its plan does not parse: {err}") from None
+    return plans
 
 
 def _placements(objects: Sequence[PlanObject]) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ planner runs). Held-out sentence frames never appear; the ShapesEval detector pl
 (TRL's ``prompt`` / ``chosen`` / ``rejected``) and ``OUT/report.json``. Example:
 
     python scripts/mine_plan_pairs.py --rows 3000 --seed 11 --samples 2 --out runs/plan_pairs_sp
-    python scripts/mine_plan_pairs.py --source contrast --rows 3000 --seed 11 --out runs/plan_pairs_contrast
+    python scripts/mine_plan_pairs.py --source contrast --rows 3000 --seed 13 --out runs/plan_pairs_ct
     python scripts/train_planner_dpo.py --pairs runs/plan_pairs_sp/plans --adapter toyworld/pretrained/planner_wide \\
         --out runs/planner_sp --max-steps 300
 """
