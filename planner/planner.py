@@ -284,6 +284,17 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def load_planner(path: str | Path, *, base: str | Path | None = None, **kwargs) -> Planner:
+    """A planner from ``path``: a full planner folder, or a peft LoRA adapter folder merged over ``base`` (the LM it
+    was trained on). ``kwargs`` go to `Planner.from_pretrained`. An adapter folder without ``base`` is a
+    `PlannerLoadError` naming the folder."""
+    if is_adapter_dir(path):
+        if base is None:
+            raise PlannerLoadError(f"{path} is a LoRA adapter folder: give the planner it was trained on as base")
+        return Planner.from_pretrained(base, adapter=path, **kwargs)
+    return Planner.from_pretrained(path, **kwargs)
+
+
 def _merge_adapter(model, adapter: Path):
     from peft import PeftModel
 

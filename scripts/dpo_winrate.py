@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from planner.critic import PlanReader, critique
-from planner.planner import Planner
+from planner.planner import load_planner
 from safeio import atomic_write_json
 from toyworld import vocab as V
 from toyworld.eval.runner import read_folder
@@ -86,7 +86,7 @@ def main() -> None:
     prompts = {r["prompt_index"]: r["prompt"] for r in rows}
     tags = {r["prompt_index"]: r["tag"] for r in rows}
     spec = V.TOY_PLAN_SPEC
-    writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide"))
+    writer = load_planner(pretrained_path("planner_wide"), base=pretrained_path("planner"), spec=spec)
     unique = sorted(set(prompts.values()))
     intended = {q: r.plan for q, r in zip(unique, writer.plan(unique))}
     critic = PlanReader.from_pretrained(args.critic or pretrained_path("critic"), spec=spec)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from planner.critic import says_the_same
-from planner.planner import Planner
+from planner.planner import load_planner
 from planner.schema import Plan
 from safeio import atomic_write_json
 from toyworld import vocab as V
@@ -28,12 +28,7 @@ def writer_right(prompts: list[str], gold: list[str], writer_dir: str | None = N
     """Whether the writer's greedy plan of each prompt says what the prompt's plan says (``writer_dir``: a planner
     folder, e.g. a planner-DPO run's ``final/writer``; None: the shipped writer)."""
     spec = V.TOY_PLAN_SPEC
-    if writer_dir:
-        writer = Planner.from_pretrained(writer_dir, spec=spec)
-    else:
-        writer = Planner.from_pretrained(
-            pretrained_path("planner"), spec=spec, adapter=pretrained_path("planner_wide")
-        )
+    writer = load_planner(writer_dir or pretrained_path("planner_wide"), base=pretrained_path("planner"), spec=spec)
     plans = [r.plan for r in writer.plan(prompts)]
     return [says_the_same(Plan.parse(g, spec), p, V.OBJECT_GRAMMAR) for p, g in zip(plans, gold)]
 

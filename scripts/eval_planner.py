@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from alignment.planner_sft import plan_metrics
-from planner.planner import Planner, is_adapter_dir
+from planner.planner import Planner, load_planner
 from planner.schema import FIELDS
 from safeio import atomic_write_json, atomic_write_text
 from toyworld.data import fresh_examples, wide_rows
@@ -135,10 +135,7 @@ if __name__ == "__main__":
     sets = {} if args.latency_only else prompt_sets(args)
     reports = []
     for path in args.planner:
-        if is_adapter_dir(path):
-            planner = Planner.from_pretrained(args.base_planner, adapter=path, spec=TOY_PLAN_SPEC)
-        else:
-            planner = Planner.from_pretrained(path, spec=TOY_PLAN_SPEC)
+        planner = load_planner(path, base=args.base_planner, spec=TOY_PLAN_SPEC)
         report = {"planner": path, **score(planner, sets, args.decoding)}
         if not args.no_latency:
             report["latency_ms_per_plan"] = latency_report(planner, args.seed)

@@ -42,7 +42,7 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
 from llm_bridge.refine import RefineConfig, Refiner, best_of
 from planner.critic import PlanReader, critique
-from planner.planner import Planner, is_adapter_dir
+from planner.planner import Planner, is_adapter_dir, load_planner
 from planner.reviser import PlanReviser
 from safeio import atomic_write_json
 from toyworld import vocab as V
@@ -56,10 +56,8 @@ def load_models(args):
     spec = V.TOY_PLAN_SPEC
     reader = Planner.from_pretrained(pretrained_path("planner"), spec=spec)
     wide = pretrained_path("planner_wide")
-    if args.writer:  # a planner folder (e.g. planner DPO's final/writer)
-        writer = Planner.from_pretrained(args.writer, spec=spec)
-    else:
-        writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=wide)
+    # a planner folder (e.g. planner DPO's final/writer) or an adapter over the shipped planner
+    writer = load_planner(args.writer or wide, base=pretrained_path("planner"), spec=spec)
     backbone = load_backbone(pretrained_path("base"))
     if args.unet_dpo:
         load_unet_dpo(backbone.unet, args.unet_dpo)

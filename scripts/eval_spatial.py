@@ -19,7 +19,7 @@ import torch
 from diffusion_backbone.models import load_backbone
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
-from planner.planner import Planner, is_adapter_dir
+from planner.planner import Planner, load_planner
 from safeio import atomic_write_json, atomic_write_text
 from toyworld.eval.metadata import limit_per_task, read_metadata
 from toyworld.eval.runner import PACKAGE_METADATA, score_generator, write_report
@@ -81,8 +81,7 @@ def main() -> None:
     planner = Planner.from_pretrained(args.planner, spec=TOY_PLAN_SPEC)
     writer = None
     if args.writer:
-        adapter = args.writer if is_adapter_dir(args.writer) else None
-        writer = Planner.from_pretrained(args.planner if adapter else args.writer, adapter=adapter, spec=TOY_PLAN_SPEC)
+        writer = load_planner(args.writer, base=args.planner, spec=TOY_PLAN_SPEC)
     reading = {"caption": plan_caption, "normalize_plan": reading_order_plan} if args.reads == "plan" else {}
     bridge = LLMBridge.from_pretrained(args.bridge)
     pipe = Plan2ImgPipeline(planner, bridge, load_backbone(args.base), writer=writer, **reading)

@@ -24,7 +24,7 @@ import numpy as np
 
 from alignment.preference import reword_pairs
 from alignment.prepared import read_source
-from planner.planner import Planner
+from planner.planner import load_planner
 from planner.schema import PlanError
 from safeio import atomic_dir
 from toyworld import vocab as V
@@ -77,11 +77,7 @@ def main() -> None:
     if args.per_caption < 1 or args.tries < 1:
         p.error("--per-caption and --tries must be >= 1")
     spec = V.TOY_PLAN_SPEC
-    if args.writer:
-        writer = Planner.from_pretrained(args.writer, spec=spec)
-    else:
-        wide = pretrained_path("planner_wide")
-        writer = Planner.from_pretrained(pretrained_path("planner"), spec=spec, adapter=wide)
+    writer = load_planner(args.writer or pretrained_path("planner_wide"), base=pretrained_path("planner"), spec=spec)
     pairs = read_source(args.pairs)
     found: dict[str, int] = {}
 

@@ -220,7 +220,11 @@ def test_reworded_pairs_copy_images_and_labels_and_keep_their_group_together(tmp
     assert out["jpg_0"][:3] == [red] * 3 and out["label_0"][3:6] == [0.0] * 3
     path = tmp_path / "reworded"
     out.save_to_disk(str(path))
+    listing = sorted(f.name for f in path.iterdir())
     pairs = alignment.load_preference_pairs(path, resolution=8)
+    assert sorted(f.name for f in path.iterdir()) == listing  # decoded pairs are cached elsewhere, not in the source
+    again = alignment.load_preference_pairs(path, resolution=8, seed=1)  # other options: another cache file
+    assert again["caption"] == pairs["caption"]
     assert pairs["group"] == out["group"] and np.asarray(pairs[4]["image_w"])[..., 0].min() > 200  # red won
     train, held = split_pairs(pairs["group"], 0.5, seed=0)  # a group's rows never straddle the split
     assert not {pairs["group"][i] for i in train} & {pairs["group"][i] for i in held}

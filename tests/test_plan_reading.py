@@ -15,7 +15,7 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from llm_bridge.native_layout import NativeLayoutPipeline
 from llm_bridge.pipeline import Plan2ImgPipeline
-from planner.planner import Planner, PlannerLoadError, is_adapter_dir
+from planner.planner import Planner, PlannerLoadError, is_adapter_dir, load_planner
 from planner.schema import Plan, PlanError
 from toyworld import vocab as V
 from toyworld.data import build_dataset, load_dataset_dir
@@ -136,6 +136,13 @@ def test_a_lora_adapter_writes_plans_merged_into_its_planner(world, tmp_path):
     assert not torch.allclose(plain.model(ids).logits, expected, atol=1e-3)
     with pytest.raises(PlannerLoadError, match="not a peft adapter"):
         Planner.from_pretrained(world["planner"], adapter=world["planner"])
+    # load_planner: one call for either kind of folder (the scripts' --writer)
+    either = load_planner(tmp_path / "adapter", base=world["planner"], spec=V.TOY_PLAN_SPEC)
+    torch.testing.assert_close(either.model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    full = load_planner(world["planner"], base=tmp_path / "missing", spec=V.TOY_PLAN_SPEC)  # base unused
+    torch.testing.assert_close(full.model(ids).logits, plain.model(ids).logits)
+    with pytest.raises(PlannerLoadError, match="adapter folder: give the planner"):
+        load_planner(tmp_path / "adapter", spec=V.TOY_PLAN_SPEC)
     with pytest.raises(ValueError, match="needs init"):
         lora_config(PlannerTrainConfig(lora_rank=4))
     assert lora_config(PlannerTrainConfig()) is None
