@@ -199,7 +199,7 @@ def apply_delta(module: nn.Module, delta: dict[str, torch.Tensor], what: str) ->
             raise BridgeLoadError(
                 f"{what} parameter {k} has shape {tuple(params[k].shape)}, the bridge's {tuple(v.shape)}"
             )
-        params[k].copy_(v.to(params[k].dtype))
+        params[k].copy_(v.to(device=params[k].device, dtype=params[k].dtype))
     for k in sorted(n for n in names if n + LOW_RANK_DOWN in delta or n + LOW_RANK_UP in delta):
         down, up = delta.get(k + LOW_RANK_DOWN), delta.get(k + LOW_RANK_UP)
         if down is None or up is None or up.shape[1] != down.shape[0]:
@@ -209,5 +209,7 @@ def apply_delta(module: nn.Module, delta: dict[str, torch.Tensor], what: str) ->
                 f"{what} parameter {k} has shape {tuple(params[k].shape)}, the bridge's low-rank update "
                 f"{(up.shape[0], down.shape[1])}"
             )
-        params[k].add_((up.float() @ down.float()).to(params[k].dtype))
+        # the update is made where the weights are (a model loaded on a GPU adds it there, not from the CPU)
+        update = up.to(params[k].device, torch.float32) @ down.to(params[k].device, torch.float32)
+        params[k].add_(update.to(params[k].dtype))
     applied.append(delta)

@@ -56,10 +56,28 @@ def _pretrained(name: str, given: str | None) -> Path:
     return Path(given) if given else pretrained_path(name)
 
 
-def _load_base(model: str | None):
+def _device(args) -> str:
+    """``--device`` checked before any model is loaded: a name torch knows, and CUDA / MPS present when asked for."""
+    import torch
+
+    name = getattr(args, "device", None) or "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"--device {name!r} is not a device torch knows ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available on this machine")
+    return name
+
+
+def _load_base(model: str | None, device: str = "cpu"):
     from diffusion_backbone.models import load_backbone
 
-    return load_backbone(_pretrained("base", model))
+    return load_backbone(_pretrained("base", model), device=device)
 
 
 def _toy_spec(args):
@@ -86,11 +104,19 @@ def _load_planner(args):
 
     return Planner.from_pretrained(
         _pretrained("planner", args.llm),
-        load_in_8bit=args.load_in_8bit,
-        spec=_toy_spec(args),
-        trust_remote_code=args.trust_remote_code,
+        **_llm_kwargs(args),
         adapter=getattr(args, "adapter", None),
         few_shot=getattr(args, "few_shot", False),
+    )
+
+
+def _llm_kwargs(args) -> dict:
+    """`Planner.from_pretrained` options every LLM of a command shares (reader, writer, reviser)."""
+    return dict(
+        load_in_8bit=args.load_in_8bit,
+        device=_device(args),
+        spec=_toy_spec(args),
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -130,7 +156,7 @@ def _load_writer(args):
     writer = _writer_source(args)
     if writer is None:
         return None
-    kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
+    kwargs = _llm_kwargs(args)
     if is_adapter_dir(writer):
         return Planner.from_pretrained(_pretrained("planner", args.llm), adapter=writer, **kwargs)
     return Planner.from_pretrained(writer, **kwargs)
@@ -146,7 +172,7 @@ def _load_reviser(args):
     given, writer = getattr(args, "reviser", None), _writer_source(args)
     if given in (None, "none"):
         return None
-    kwargs = dict(load_in_8bit=args.load_in_8bit, spec=_toy_spec(args), trust_remote_code=args.trust_remote_code)
+    kwargs = _llm_kwargs(args)
     if not is_adapter_dir(given):
         return PlanReviser(Planner.from_pretrained(given, **kwargs))
     if writer is not None and not is_adapter_dir(writer):  # a full writer folder: the adapter goes over it
@@ -170,8 +196,8 @@ def _load_bridge_pipeline(args):
 
     pipe = Plan2ImgPipeline(
         _load_planner(args),
-        LLMBridge.from_pretrained(_pretrained("bridge", args.bridge)),
-        _load_base(args.model),
+        LLMBridge.from_pretrained(_pretrained("bridge", args.bridge)).to(_device(args)),
+        _load_base(args.model, _device(args)),
         writer=_load_writer(args),
         **_reading(args),
     )
@@ -193,14 +219,21 @@ def _load_native_layout(args, regions: bool = True):
     strength = 1.0 if args.region_strength is None else args.region_strength
     caption = _reading(args).get("caption")
     return NativeLayoutPipeline(
-        planner, _load_base(args.model), strength=strength, levels=levels, regions=regions, caption=caption
+        planner,
+        _load_base(args.model, _device(args)),
+        strength=strength,
+        levels=levels,
+        regions=regions,
+        caption=caption,
     )
 
 
 def _load_critic(args):
     from planner.critic import PlanReader
 
-    return PlanReader.from_pretrained(_pretrained("critic", getattr(args, "critic", None)), spec=_toy_spec(args))
+    return PlanReader.from_pretrained(
+        _pretrained("critic", getattr(args, "critic", None)), spec=_toy_spec(args), device=_device(args)
+    )
 
 
 def _refine_config(args, rounds: int):
@@ -396,7 +429,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.native:
         from diffusion_backbone.pipeline import TextToImagePipeline
 
-        out = TextToImagePipeline(_load_base(args.model))([prompt] * args.n, seeds, **kwargs)
+        out = TextToImagePipeline(_load_base(args.model, _device(args)))([prompt] * args.n, seeds, **kwargs)
     else:
         pipe = _load_bridge_pipeline(args)
         plans = [args.plan] * args.n if args.plan else None
@@ -452,7 +485,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         elif args.generate == "native":
             from diffusion_backbone.pipeline import TextToImagePipeline
 
-            generate = TextToImagePipeline(_load_base(args.model)).as_generator(**sampling)
+            generate = TextToImagePipeline(_load_base(args.model, _device(args))).as_generator(**sampling)
             title = f"ShapesEval native ({args.sampler}, {args.steps} steps, guidance {args.guidance})"
         elif args.generate in ("native-layout", "native-plan"):
             pipe = _load_native_layout(args, regions=args.generate == "native-layout")
@@ -545,7 +578,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from diffusion_backbone.pipeline import TextToImagePipeline
 
     def native(a):
-        return TextToImagePipeline(_load_base(a.model))
+        return TextToImagePipeline(_load_base(a.model, _device(a)))
 
     models = Models(args, _load_bridge_pipeline, native, _load_critic, _load_reviser)
     limits = Limits(images=args.max_images, steps=args.max_steps)
@@ -670,6 +703,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "prompt: they read your prompt before the plan (the behaviour up to v0.1)",
     )
     p.add_argument("--load-in-8bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where every model runs: cpu (default), cuda, cuda:N or mps; the noise is drawn on the CPU from the "
+        "seeds, so a seed starts from the same noise on any device",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own code (off: safer)")
     p.add_argument("--free-plan", action="store_true", help="free-text plan fields instead of the toy vocabulary")
 

@@ -240,6 +240,15 @@ CASES = [
     Case("generate-100k-prompt", ["generate", "a red circle " * 7700, *OUT], ("prompt has", "characters")),
     Case("generate-control-char", ["generate", "a red\x00 circle", *OUT], ("prompt", "control character")),
     Case("generate-surrogate", ["generate", "a red \udcff circle", *OUT], ("prompt", "U+DCFF")),
+    Case(
+        "generate-unknown-device", ["generate", "a red circle", *OUT, "--device", "gpu0"], ("--device", "not a device")
+    ),
+    Case(
+        "generate-cuda-absent",
+        ["generate", "a red circle", *OUT, "--device", "cuda"],
+        ("--device cuda", "CUDA is not available"),
+        setup=lambda tmp, mp: mp.setattr(torch.cuda, "is_available", lambda: False),
+    ),
     # generate: numeric options
     Case("generate-guidance-nan", ["generate", P, "--guidance", "nan", *OUT], ("--guidance", "finite")),
     Case("generate-guidance-inf", ["generate", P, "--guidance", "inf", *OUT], ("--guidance",)),

@@ -57,3 +57,27 @@ def test_shipped_training_config_runs_from_any_directory(tmp_path, monkeypatch):
     args = ["train", "--config", str(config), "--set", "data=data", "out=run", "stop_at=1", "log_every=1"]
     assert main(args) == 0
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_cli_places_every_model_on_the_device_asked_for():
+    """``--device`` reaches every model a command loads (meta: placement only, nothing runs), the DPO LoRA merge
+    included; the default is the CPU."""
+    from plan2img import cli
+
+    base = ["generate", "a red circle"]
+    assert cli._device(cli.build_parser().parse_args(base)) == "cpu"
+    args = cli.build_parser().parse_args([*base, "--device", "meta"])
+    pipe, critic = cli._load_bridge_pipeline(args), cli._load_critic(args)
+    models = {
+        "reader LLM": pipe.planner.model,
+        "writer LLM": pipe.writer.model,
+        "bridge": pipe.bridge,
+        "U-Net": pipe.backbone.unet,
+        "VAE": pipe.backbone.vae,
+        "text encoder": pipe.backbone.text_encoder.model,
+        "critic": critic.model,
+    }
+    assert pipe.writer is not pipe.planner  # the shipped chain: two LLMs, both placed
+    for name, model in models.items():
+        tensors = [*model.parameters(), *model.buffers()]
+        assert tensors and {t.device.type for t in tensors} == {"meta"}, name
