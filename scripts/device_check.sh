@@ -8,7 +8,8 @@
 #       .save_to_disk('.whl/pairs160')"  # a few mined image pairs for stage D
 # then run it there with .whl carried:  bash scripts/device_check.sh  (writes logs to $OUT or ./device_out).
 # 1. the test suite with CUDA present (one thread per worker: 16 workers x 16 threads timed out on 2026-12-04);
-# 2. stage D (Diffusion-DPO, U-Net LoRA) on CUDA in fp32 and bf16: s/step and cuda_peak_gib in log.jsonl.
+# 2. stage D (Diffusion-DPO, U-Net LoRA) on CUDA in fp32 and bf16: s/step and cuda_peak_gib in log.jsonl;
+# 3. the CLI with --device cuda (eval slice against the CPU, one generate).
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 OUT=${OUT:-device_out}
@@ -35,3 +36,11 @@ print({k: r.get(k) for k in ('step', 'sec_per_step', 'cuda_peak_gib', 'loss', 'h
         "/tmp/dpo_$mode/log.jsonl"
     cp "/tmp/dpo_$mode/log.jsonl" "$OUT/dpo_$mode.jsonl"
 done
+# 3. the CLI on CUDA (--device): one image and a small ShapesEval slice, against the same run on the CPU
+for device in cuda cpu; do
+    timeout 120 python3 -m plan2img eval --generate bridge --limit-per-task 2 --n-per-prompt 1 --steps 10 \
+        --device "$device" --out "$OUT/eval_$device" > "$OUT/eval_$device.log" 2>&1
+    echo "eval $device rc=$? $(grep -o 'overall[^|]*|[^|]*' "$OUT/eval_$device/summary.md" 2>/dev/null)"
+done
+timeout 60 python3 -m plan2img generate "a red star to the left of a green circle" --device cuda -o "$OUT/cuda.png"
+echo "generate cuda rc=$?"
