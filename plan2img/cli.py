@@ -448,74 +448,68 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_generator(args: argparse.Namespace, metadata: Path):
+    """(image generator, report title, the bridge pipeline or None) for ``plan2img eval`` without ``--images``."""
+    sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    settings = f"({args.sampler}, {args.steps} steps, guidance {args.guidance})"
+    if args.ground_truth:
+        from toyworld.eval.runner import ground_truth_generator
+
+        transform = None
+        if args.degrade == "vae":
+            from diffusion_backbone.sampling import decode_latents, encode_images
+
+            vae = _load_base(args.model).vae
+
+            def transform(images):
+                return decode_latents(vae, encode_images(vae, images))
+
+        generate = ground_truth_generator("none" if args.degrade == "vae" else args.degrade, transform)
+        return generate, f"ShapesEval ground truth (degrade={args.degrade}, {metadata.name})", None
+    if args.generate == "native":
+        from diffusion_backbone.pipeline import TextToImagePipeline
+
+        generate = TextToImagePipeline(_load_base(args.model, _device(args))).as_generator(**sampling)
+        return generate, f"ShapesEval native {settings}", None
+    if args.generate in ("native-layout", "native-plan"):
+        pipe = _load_native_layout(args, regions=args.generate == "native-layout")
+        what = "native + layout" if args.generate == "native-layout" else "native on the plan's caption"
+        title = f"ShapesEval {what}, reads {args.reads}, plans: {args.plan_source} {settings}"
+        return pipe.as_generator(plan_source=args.plan_source, **sampling), title, None
+    pipe = _load_bridge_pipeline(args)
+    title = f"ShapesEval bridge, reads {args.reads}, plans: {args.plan_source} {settings}"
+    return pipe.as_generator(plan_source=args.plan_source, **sampling), title, pipe
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from toyworld.eval.metadata import limit_per_task, read_metadata
-    from toyworld.eval.runner import (
-        PACKAGE_METADATA,
-        ground_truth_generator,
-        score_folder,
-        score_generator,
-        write_report,
-    )
+    from toyworld.eval.runner import PACKAGE_METADATA, score_folder, score_generator, write_report
     from toyworld.eval.scoring import summary_table
 
     metadata = Path(args.metadata) if args.metadata else PACKAGE_METADATA[args.split]
     entries = limit_per_task(read_metadata(metadata), args.limit_per_task)
     if sum([bool(args.images), args.ground_truth, bool(args.generate)]) != 1:
         raise InputError("pass exactly one of --images DIR, --ground-truth, --generate native|bridge")
+    if args.best_of and args.refine:
+        raise InputError("choose one of --best-of K and --refine K")
+    if args.refine and args.generate != "bridge":
+        raise InputError("--refine runs the bridge's refine loop: use it with --generate bridge")
     extra = {"metadata": str(metadata)}
     images = pairs = None
     if args.images:
         results = score_folder(entries, args.images)
         title = f"ShapesEval: {args.images}"
     else:
-        sampling = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
-        if args.ground_truth:
-            transform = None
-            if args.degrade == "vae":
-                from diffusion_backbone.sampling import decode_latents, encode_images
-
-                vae = _load_base(args.model).vae
-
-                def transform(images):
-                    return decode_latents(vae, encode_images(vae, images))
-
-            generate = ground_truth_generator("none" if args.degrade == "vae" else args.degrade, transform)
-            title = f"ShapesEval ground truth (degrade={args.degrade}, {metadata.name})"
-        elif args.generate == "native":
-            from diffusion_backbone.pipeline import TextToImagePipeline
-
-            generate = TextToImagePipeline(_load_base(args.model, _device(args))).as_generator(**sampling)
-            title = f"ShapesEval native ({args.sampler}, {args.steps} steps, guidance {args.guidance})"
-        elif args.generate in ("native-layout", "native-plan"):
-            pipe = _load_native_layout(args, regions=args.generate == "native-layout")
-            generate = pipe.as_generator(plan_source=args.plan_source, **sampling)
-            what = "native + layout" if args.generate == "native-layout" else "native on the plan's caption"
-            title = (
-                f"ShapesEval {what}, reads {args.reads}, plans: {args.plan_source} ({args.sampler}, "
-                f"{args.steps} steps, guidance {args.guidance})"
-            )
-        else:
-            pipe = _load_bridge_pipeline(args)
-            generate = pipe.as_generator(plan_source=args.plan_source, **sampling)
-            title = (
-                f"ShapesEval bridge, reads {args.reads}, plans: {args.plan_source} ({args.sampler}, "
-                f"{args.steps} steps, guidance {args.guidance})"
-            )
+        generate, title, pipe = _eval_generator(args, metadata)
         if args.best_of or args.refine:
-            if args.best_of and args.refine:
-                raise InputError("choose one of --best-of K and --refine K")
-            if args.refine and args.generate != "bridge":
-                raise InputError("--refine runs the bridge's refine loop: use it with --generate bridge")
             from alignment.preference import PairWriter
 
             pairs = PairWriter()
-            generate = _critic_generator(args, generate, pipe if args.generate == "bridge" else None, pairs)
-            how = f"refine@{args.refine}" if args.refine else f"best-of-{args.best_of} ({args.pick} picks)"
-            title += f", {how}"
+            generate = _critic_generator(args, generate, pipe, pairs)
+            title += f", refine@{args.refine}" if args.refine else f", best-of-{args.best_of} ({args.pick} picks)"
             extra.update(best_of=args.best_of, refine=args.refine, pick=args.pick)
-        extra["spatial"] = _spatial_settings(args)
         extra.update(
+            spatial=_spatial_settings(args),
             generator=args.generate or "ground-truth",
             sampler=args.sampler,
             steps=args.steps,
@@ -523,6 +517,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             plan_source=args.plan_source,
             reads=args.reads,
             writer=args.writer,
+            # what else shaped the images, so a report names its models
+            **{k: getattr(args, k, None) for k in ("llm", "adapter", "bridge", "model", "unet_dpo", "device")},
         )
         results, images = score_generator(
             entries,

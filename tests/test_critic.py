@@ -405,6 +405,8 @@ def test_cli_eval_best_of_and_refine_and_their_pairs_load_back(world, saved, tmp
         assert main(args) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert summary["best_of" if flag[0] == "--best-of" else "refine"] == 2
+        assert summary["bridge"] == args[args.index("--bridge") + 1] and summary["unet_dpo"] is None  # provenance
+        assert summary["device"] == "cpu"
     assert (
         main(common + ["--best-of", "2", "--refine", "2", "--out", str(tmp_path / "x")] + _models(world, saved)) == 2
     )
