@@ -69,6 +69,12 @@ class TextToImagePipeline:
         self.backbone = backbone
         self._uncond: Conditioning | None = None
 
+    def to(self, device: str | torch.device) -> TextToImagePipeline:
+        """Move the U-Net, VAE and text encoder to ``device`` (the noise is still drawn on the CPU from the seeds)."""
+        self.backbone.to(device)
+        self._uncond = None
+        return self
+
     def unconditional(self) -> Conditioning:
         if self._uncond is None:
             self._uncond = self.backbone.text_encoder.encode_negative([""])

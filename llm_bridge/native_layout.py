@@ -108,6 +108,14 @@ class NativeLayoutPipeline:
             ),
         )
 
+    def to(self, device: str | torch.device) -> NativeLayoutPipeline:
+        """Move the planner LLM (if any), U-Net, VAE and text encoder to ``device``."""
+        if self.planner is not None:
+            self.planner.to(device)
+        self.backbone.to(device)
+        self._uncond = None
+        return self
+
     def unconditional(self) -> Conditioning:
         if self._uncond is None:
             self._uncond = self.backbone.text_encoder.encode_negative([""])

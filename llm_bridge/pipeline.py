@@ -98,6 +98,18 @@ class Plan2ImgPipeline:
         p = Planner.from_pretrained(planner, spec=spec, dtype=llm_dtype, load_in_8bit=load_in_8bit)
         return cls(p, LLMBridge.from_pretrained(bridge), load_backbone(base))
 
+    def to(self, device: str | torch.device) -> Plan2ImgPipeline:
+        """Move every model (the reading and writing LLMs, the bridge, U-Net, VAE and text encoder) to ``device``, as
+        diffusers' ``pipe.to("cuda")``; cached LLM states are dropped. An 8/4-bit LLM stays where it was loaded. The
+        starting noise is drawn on the CPU from the seeds, so a seed gives the same noise on any device."""
+        for planner in {id(p): p for p in (self.planner, self.writer)}.values():
+            planner.to(device)
+        self.bridge.to(device)
+        self.backbone.to(device)
+        self.cache.clear()
+        self._native_null = None
+        return self
+
     def set_spatial(self, **settings) -> None:
         """Turn plan-grounded spatial injection on/off or change its settings (see `LLMBridge.set_spatial`)."""
         self.bridge.set_spatial(**settings)

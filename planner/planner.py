@@ -153,6 +153,13 @@ class Planner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device: str | torch.device) -> Planner:
+        """Move the LLM to ``device`` and return self. An 8/4-bit LLM stays where it was loaded (bitsandbytes
+        weights cannot be moved: pass ``device`` to `from_pretrained` instead)."""
+        if not getattr(self.model, "is_quantized", False) and getattr(self.model, "hf_quantizer", None) is None:
+            self.model.to(device)
+        return self
+
     def default_max_new_tokens(self) -> int:
         """Enough for the longest plan the spec allows: every field at its limit, plus tags."""
         n_fields = len(FIELDS) - 1 + self.spec.max_objects

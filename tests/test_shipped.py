@@ -59,25 +59,38 @@ def test_shipped_training_config_runs_from_any_directory(tmp_path, monkeypatch):
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
 
 
-def test_cli_places_every_model_on_the_device_asked_for():
-    """``--device`` reaches every model a command loads (meta: placement only, nothing runs), the DPO LoRA merge
-    included; the default is the CPU."""
+def _devices(models: dict) -> dict:
+    return {name: {t.device.type for t in (*m.parameters(), *m.buffers())} for name, m in models.items()}
+
+
+def test_cli_places_every_model_on_the_device_asked_for_and_pipelines_move():
+    """``--device`` reaches every model a command loads, and ``pipe.to(device)`` moves every model of a loaded
+    pipeline (meta: placement only, nothing runs). The default is the CPU."""
+    from diffusion_backbone.pipeline import TextToImagePipeline
+    from llm_bridge.native_layout import NativeLayoutPipeline
     from plan2img import cli
 
     base = ["generate", "a red circle"]
     assert cli._device(cli.build_parser().parse_args(base)) == "cpu"
-    args = cli.build_parser().parse_args([*base, "--device", "meta"])
-    pipe, critic = cli._load_bridge_pipeline(args), cli._load_critic(args)
-    models = {
-        "reader LLM": pipe.planner.model,
-        "writer LLM": pipe.writer.model,
-        "bridge": pipe.bridge,
-        "U-Net": pipe.backbone.unet,
-        "VAE": pipe.backbone.vae,
-        "text encoder": pipe.backbone.text_encoder.model,
-        "critic": critic.model,
-    }
-    assert pipe.writer is not pipe.planner  # the shipped chain: two LLMs, both placed
-    for name, model in models.items():
-        tensors = [*model.parameters(), *model.buffers()]
-        assert tensors and {t.device.type for t in tensors} == {"meta"}, name
+    for how in ("--device", "pipe.to"):
+        args = cli.build_parser().parse_args([*base, "--device", "meta"] if how == "--device" else base)
+        pipe, critic = cli._load_bridge_pipeline(args), cli._load_critic(args)
+        if how == "pipe.to":
+            assert pipe.backbone.unet.device.type == "cpu"
+            pipe.to("meta")
+            critic.model.to("meta")
+        models = {
+            "reader LLM": pipe.planner.model,
+            "writer LLM": pipe.writer.model,
+            "bridge": pipe.bridge,
+            "U-Net": pipe.backbone.unet,
+            "VAE": pipe.backbone.vae,
+            "text encoder": pipe.backbone.text_encoder.model,
+            "critic": critic.model,
+        }
+        assert pipe.writer is not pipe.planner  # the shipped chain: two LLMs, both placed
+        assert _devices(models) == dict.fromkeys(models, {"meta"}), how
+    native = TextToImagePipeline(cli._load_base(None)).to("meta")
+    layout = NativeLayoutPipeline(pipe.writer, native.backbone).to("meta")
+    models = {"U-Net": layout.backbone.unet, "text encoder": layout.backbone.text_encoder.model}
+    assert _devices(models) == dict.fromkeys(models, {"meta"})
