@@ -112,9 +112,11 @@ def _load_planner(args):
 
 def _llm_kwargs(args) -> dict:
     """`Planner.from_pretrained` options every LLM of a command shares (reader, writer, reviser)."""
+    # an 8-bit LLM without --device keeps bitsandbytes' own placement (its GPU), as before --device existed
+    keep = args.load_in_8bit and getattr(args, "device", None) is None
     return dict(
         load_in_8bit=args.load_in_8bit,
-        device=_device(args),
+        device=None if keep else _device(args),
         spec=_toy_spec(args),
         trust_remote_code=args.trust_remote_code,
     )
@@ -518,7 +520,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             reads=args.reads,
             writer=args.writer,
             # what else shaped the images, so a report names its models
-            **{k: getattr(args, k, None) for k in ("llm", "adapter", "bridge", "model", "unet_dpo", "device")},
+            **{k: getattr(args, k, None) for k in ("llm", "adapter", "bridge", "model", "unet_dpo")},
+            device=_device(args),
         )
         results, images = score_generator(
             entries,
@@ -701,9 +704,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-in-8bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes)")
     p.add_argument(
         "--device",
-        default="cpu",
-        help="where every model runs: cpu (default), cuda, cuda:N or mps; the noise is drawn on the CPU from the "
-        "seeds, so a seed starts from the same noise on any device",
+        default=None,
+        help="where every model runs: cpu (default; an 8-bit LLM then goes where bitsandbytes puts it), cuda, "
+        "cuda:N or mps; the noise is drawn on the CPU from the seeds, so a seed starts from the same noise anywhere",
     )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own code (off: safer)")
     p.add_argument("--free-plan", action="store_true", help="free-text plan fields instead of the toy vocabulary")
