@@ -327,23 +327,23 @@ def load_preference_pairs(
          "image_l": datasets.Image()}
     )  # fmt: skip
     index = np.asarray(kept, dtype=np.int64)
-    kept_hash = hashlib.sha256(index.tobytes()).hexdigest()
-    options = (resolution, center_crop, caption_column, image_columns, label_column, seed, min_score_gap, kept_hash)
+    options = (resolution, center_crop, caption_column, image_columns, label_column, seed, min_score_gap)
     pairs = ds.select(index).map(
         lambda row, j: to_pair(row, int(index[j])), with_indices=True, remove_columns=ds.column_names,
         features=features, desc="decoding preference pairs", load_from_cache_file=False,
-        cache_file_name=_decoded_cache_file(ds, options),
+        cache_file_name=_decoded_cache_file(ds, index, options),
     )  # fmt: skip
     return (pairs, report) if with_report else pairs
 
 
-def _decoded_cache_file(ds, options: tuple) -> str | None:
+def _decoded_cache_file(ds, index: np.ndarray, options: tuple) -> str | None:
     """Where `load_preference_pairs` writes the decoded pairs of a file-backed source (a `datasets` folder, an image
-    folder): the `datasets` cache, named by the source files and the options, not the source folder, which
-    `Dataset.map` would otherwise fill with ``cache-*.arrow`` files. None (in memory) for an in-memory source."""
+    folder): the `datasets` cache, named by the source files, the kept rows and the options, not the source folder,
+    which `Dataset.map` would otherwise fill with ``cache-*.arrow`` files. None (in memory) for an in-memory source."""
     if not ds.cache_files:
         return None
-    key = repr(([str(Path(f["filename"]).resolve()) for f in ds.cache_files], options))
+    kept = hashlib.sha256(index.tobytes()).hexdigest()
+    key = repr(([str(Path(f["filename"]).resolve()) for f in ds.cache_files], kept, options))
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "plan2img_preference_pairs"
     folder.mkdir(parents=True, exist_ok=True)

@@ -153,15 +153,12 @@ def _load_writer(args):
     """The planner that writes the plans: ``--writer`` (a planner folder, or a LoRA adapter folder over the
     ``--llm`` planner), else the shipped widened-grammar adapter over the shipped planner (unless ``--llm`` or
     ``--adapter`` is given), else the reader."""
-    from planner.planner import Planner, is_adapter_dir
+    from planner.planner import load_planner
 
     writer = _writer_source(args)
     if writer is None:
         return None
-    kwargs = _llm_kwargs(args)
-    if is_adapter_dir(writer):
-        return Planner.from_pretrained(_pretrained("planner", args.llm), adapter=writer, **kwargs)
-    return Planner.from_pretrained(writer, **kwargs)
+    return load_planner(writer, base=_pretrained("planner", args.llm), **_llm_kwargs(args))
 
 
 def _load_reviser(args):
