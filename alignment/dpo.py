@@ -42,7 +42,7 @@ from alignment.preference import GROUP_COLUMN, load_preference_pairs
 from alignment.stages import build_config, check_positive, read_yaml_mapping
 from diffusion_backbone.conditioning import Conditioning
 from diffusion_backbone.sampling import encode_images, unet_forward
-from llm_bridge.bridge import apply_delta
+from llm_bridge.bridge import LOW_RANK_DOWN, LOW_RANK_UP, apply_delta
 from llm_bridge.encoder import PlanStates
 from safeio import InputError, atomic_dir
 
@@ -422,13 +422,46 @@ def save_dpo(modules: _Trained, folder: str | Path, cfg: DPOTrainConfig | None =
     return Path(folder)
 
 
-def load_unet_dpo(unet, folder: str | Path) -> None:
-    """Merge a saved DPO LoRA into ``unet`` (a clear error naming the folder when it is missing or corrupt)."""
+def _read_unet_dpo(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The low-rank U-Net delta of a DPO folder (a clear error naming the folder when it is missing or corrupt)."""
     path = Path(folder) / DPO_WEIGHTS
     if not path.is_file():
         raise InputError(f"DPO folder {folder} has no {DPO_WEIGHTS}")
     try:
-        delta = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise InputError(f"DPO weights {path} are unreadable: {err}") from None
-    apply_delta(unet, delta, "U-Net")
+
+
+def load_unet_dpo(unet, folder: str | Path) -> None:
+    """Merge a saved DPO LoRA into ``unet`` (a clear error naming the folder when it is missing or corrupt)."""
+    apply_delta(unet, _read_unet_dpo(folder), "U-Net")
+
+
+def soup_unet_dpo(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
+    """Average several DPO LoRAs of one U-Net into one DPO folder (a "model soup", Wortsman et al. 2022): merged,
+    it gives ``W + sum_i w_i * up_i @ down_i`` (uniform weights by default), exactly the weighted mean of the
+    merged U-Nets. The factors are stacked along the rank (rank = sum of the inputs' ranks), not averaged factor
+    by factor, which would not average the updates. Written atomically; loads with `load_unet_dpo`."""
+    if len(folders) < 2:
+        raise InputError(f"a soup needs at least two DPO folders, got {len(folders)}")
+    weights = [1.0 / len(folders)] * len(folders) if weights is None else list(weights)
+    if len(weights) != len(folders):
+        raise InputError(f"{len(weights)} weights for {len(folders)} DPO folders")
+    deltas = [_read_unet_dpo(f) for f in folders]
+    for folder, delta in zip(folders[1:], deltas[1:]):
+        if delta.keys() != deltas[0].keys():
+            raise InputError(f"DPO folder {folder} adapts other U-Net layers than {folders[0]}; cannot average them")
+    soup = {}
+    for k in deltas[0]:
+        if k.endswith(LOW_RANK_DOWN):
+            soup[k] = torch.cat([d[k] for d in deltas]).contiguous()
+        elif k.endswith(LOW_RANK_UP):
+            soup[k] = torch.cat([w * d[k] for w, d in zip(weights, deltas)], dim=1).contiguous()
+        else:
+            raise InputError(f"DPO folder {folders[0]} holds a full weight {k}, not a LoRA; cannot average it")
+    with atomic_dir(out) as tmp:
+        save_file(soup, str(tmp / DPO_WEIGHTS))
+        meta = {"kind": "dpo_soup", "folders": [str(f) for f in folders], "weights": weights}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)

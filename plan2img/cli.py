@@ -648,6 +648,14 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dpo_soup(args: argparse.Namespace) -> int:
+    from alignment.dpo import soup_unet_dpo
+
+    folder = soup_unet_dpo(args.folders, args.out, args.weights)
+    print(f"wrote {folder} (the mean of {len(args.folders)} DPO LoRAs; merge it with --unet-dpo {folder})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "euler-a", "dpm++2m"], default="ddim")
@@ -897,6 +905,11 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--config", required=True, help="e.g. configs/toy_dpo.yaml")
     dpo.add_argument("--set", nargs="*", default=[], help="top-level overrides KEY=VALUE (YAML values)")
     dpo.set_defaults(func=_cmd_dpo)
+    soup = sub.add_parser("dpo-soup", help="average several DPO LoRAs of one U-Net into one folder (a model soup)")
+    soup.add_argument("folders", nargs="+", help="DPO folders (plan2img dpo's final/), at least two")
+    soup.add_argument("--out", required=True, help="the folder to write")
+    soup.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per folder (default: mean)")
+    soup.set_defaults(func=_cmd_dpo_soup)
     return parser
 
 

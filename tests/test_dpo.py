@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny_planner, tiny_scheduler, tiny_unet, tiny_vae
 
 import alignment
@@ -23,12 +24,15 @@ from alignment.dpo import (
     ConnectorConditioning,
     DPOTrainConfig,
     FixedConditioning,
+    _Trained,
     adapters_disabled,
     add_unet_lora,
     dpo_step_losses,
     dpo_timesteps,
     load_unet_dpo,
     pair_errors,
+    save_dpo,
+    soup_unet_dpo,
     split_pairs,
     train_unet_dpo,
 )
@@ -381,6 +385,59 @@ def test_stage_d_trains_logs_heldout_metrics_and_exports_a_lora_that_loads(tmp_p
     small = DPOTrainConfig(pairs=str(path), out=str(tmp_path / "dpo2"), batch_size=64)
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_unet_dpo(small, tiny_unet(sample_size=8), vae, scheduler, _caption_cond, progress=False)
+
+
+def _random_dpo_folder(folder, seed: int, rank: int = 2):
+    """A DPO folder of a tiny U-Net's LoRA with random factors (B != 0), as `save_dpo` writes it."""
+    torch.manual_seed(seed)
+    unet = tiny_unet(sample_size=8)
+    with torch.no_grad():
+        for p in add_unet_lora(unet, rank=rank):
+            p.normal_(std=0.1)
+    return save_dpo(_Trained(unet), folder)
+
+
+def test_a_soup_of_dpo_loras_merges_to_the_mean_of_the_merged_unets(tmp_path):
+    folders = [_random_dpo_folder(tmp_path / f"d{i}", seed=i) for i in range(3)]
+    merged = []
+    for f in folders:
+        unet = tiny_unet(sample_size=8)
+        load_unet_dpo(unet, f)
+        merged.append(dict(unet.named_parameters()))
+    soup = soup_unet_dpo(folders, tmp_path / "soup")
+    fresh = tiny_unet(sample_size=8)
+    load_unet_dpo(fresh, soup)
+    changed = 0
+    for name, p in fresh.named_parameters():
+        mean = torch.stack([m[name].detach() for m in merged]).mean(0)
+        torch.testing.assert_close(p.detach(), mean, atol=1e-6, rtol=1e-5)
+        changed += not torch.equal(p, tiny_unet(sample_size=8).get_parameter(name)) if "attn" in name else 0
+    assert changed > 0  # the soup did move the adapted layers
+    weighted = soup_unet_dpo(folders[:2], tmp_path / "w", weights=[1.0, 0.0])
+    only_first = tiny_unet(sample_size=8)
+    load_unet_dpo(only_first, weighted)
+    for name, p in only_first.named_parameters():
+        torch.testing.assert_close(p.detach(), merged[0][name].detach(), atol=1e-6, rtol=1e-5)
+    assert json.loads((soup / "config.json").read_text())["kind"] == "dpo_soup"
+
+
+def test_a_soup_refuses_one_folder_mismatched_layers_and_wrong_weights(tmp_path):
+    a = _random_dpo_folder(tmp_path / "a", seed=0)
+    with pytest.raises(InputError, match="at least two"):
+        soup_unet_dpo([a], tmp_path / "s")
+    with pytest.raises(InputError, match="2 weights for 3"):
+        soup_unet_dpo([a, a, a], tmp_path / "s", weights=[0.5, 0.5])
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "unet_dpo.safetensors").write_bytes((a / "unet_dpo.safetensors").read_bytes()[:100])
+    with pytest.raises(InputError, match="unreadable"):
+        soup_unet_dpo([a, b], tmp_path / "s")
+    c = _random_dpo_folder(tmp_path / "c", seed=1)
+    delta = load_file(str(c / "unet_dpo.safetensors"))
+    save_file({k: v for i, (k, v) in enumerate(sorted(delta.items())) if i >= 2}, str(c / "unet_dpo.safetensors"))
+    with pytest.raises(InputError, match="other U-Net layers"):
+        soup_unet_dpo([a, c], tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # nothing half-written
 
 
 # ------------------------------------------------------------------------------------------ planner DPO (TRL)
