@@ -494,10 +494,18 @@ CASES = [
         ["dpo", "--config", "configs/toy_dpo.yaml", "--set", "target=vae", "out={tmp}/out"],
         ("target", "vae"),
     ),  # fmt: skip
-    Case("dpo-soup-one-folder", ["dpo-soup", "{tmp}/dpo", "--out", "{tmp}/out"], ("at least two",),
-         setup=empty_dpo_folder),  # fmt: skip
-    Case("dpo-soup-empty-folder", ["dpo-soup", "{tmp}/dpo", "{tmp}/dpo", "--out", "{tmp}/out"], ("dpo", "unet_dpo"),
-         setup=empty_dpo_folder),  # fmt: skip
+    Case(
+        "dpo-soup-one-folder",
+        ["dpo-soup", "{tmp}/dpo", "--out", "{tmp}/out"],
+        ("at least two",),
+        setup=empty_dpo_folder,
+    ),  # fmt: skip
+    Case(
+        "dpo-soup-empty-folder",
+        ["dpo-soup", "{tmp}/dpo", "{tmp}/dpo", "--out", "{tmp}/out"],
+        ("dpo", "unet_dpo"),
+        setup=empty_dpo_folder,
+    ),  # fmt: skip
     # serve (each fails before a server starts)
     Case("serve-port-zero", ["serve", "--port", "0"], ("--port",)),
     Case("serve-port-word", ["serve", "--port", "http"], ("--port", "integer")),
