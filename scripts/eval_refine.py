@@ -68,10 +68,17 @@ def load_models(args):
     native = TextToImagePipeline(load_backbone(pretrained_path("base")))  # its own U-Net: the bridge patches pipe's
     reviser = None
     if args.reviser:  # a LoRA adapter trained on the writer (scripts/train_reviser.py), merged over it
-        adapters = [wide, args.reviser] if not args.writer else [args.reviser]
-        base = args.writer if args.writer and not is_adapter_dir(args.writer) else pretrained_path("planner")
+        base, adapters = reviser_stack(args.writer or wide, args.reviser, pretrained_path("planner"))
         reviser = PlanReviser.from_pretrained(base, spec=spec, adapter=adapters)
     return pipe, native, critic, reviser
+
+
+def reviser_stack(writer, reviser, planner) -> tuple[str, list[str]]:
+    """The planner folder and the adapters merged over it, in order, for a reviser adapter trained on ``writer``:
+    a writer adapter goes under the reviser over the shipped planner; a writer folder is the base itself."""
+    if is_adapter_dir(writer):
+        return str(planner), [str(writer), str(reviser)]
+    return str(writer), [str(reviser)]
 
 
 def jobs_of(entries: list[dict], n: int, per_batch: int):

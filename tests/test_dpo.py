@@ -727,3 +727,14 @@ def test_reword_pairs_keeps_only_wordings_the_writer_plans_the_same():
         assert [r.plan.to_text() for r in writer.plan(words)] == [want] * len(words)
     held_out_frames = {f.frame.split("{")[0] for f in FAMILIES if f.split == "heldout" and f.frame.split("{")[0]}
     assert not any(w.startswith(tuple(held_out_frames)) for ws in alts for w in ws)  # training wordings only
+
+
+def test_eval_refine_stacks_the_reviser_over_the_writer_it_was_trained_on(tmp_path):
+    stack = _script("eval_refine").reviser_stack
+    adapter, folder = tmp_path / "writer_adapter", tmp_path / "writer_folder"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    folder.mkdir()
+    # an adapter writer sits under the reviser over the shipped planner (it was left out before)
+    assert stack(adapter, "rev", "planner") == ("planner", [str(adapter), "rev"])
+    assert stack(folder, "rev", "planner") == (str(folder), ["rev"])
