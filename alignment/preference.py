@@ -23,6 +23,7 @@ import hashlib
 import io
 import logging
 import math
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -171,18 +172,26 @@ def self_play_plan_pairs(
 # Hard negatives of `contrast_plan_pairs`: each two-slot region mirrored, or moved to the other arrangement.
 MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 REARRANGED = {"left": "top", "right": "bottom", "top": "left", "bottom": "right"}
-CONTRASTS = ("mirror", "rearrange", "color")
+CONTRASTS = ("mirror", "rearrange", "color", "extra", "shape")
+DEFAULT_CONTRASTS = ("mirror", "rearrange", "color")  # the two-slot kinds (the first contrast pairs' set)
 
 
 def contrast_plan_pairs(
-    rows: Sequence[tuple[str, str]], spec: PlanSpec, kinds: Sequence[str] = CONTRASTS
+    rows: Sequence[tuple[str, str]], spec: PlanSpec, kinds: Sequence[str] = DEFAULT_CONTRASTS
 ) -> tuple[PairWriter, dict[str, int]]:
-    """Minimal-pair plan pairs: for each ``(prompt, plan)`` row whose objects sit in two-slot regions (side by
-    side or stacked), the row's plan is chosen against copies of it that change one thing:
+    """Minimal-pair plan pairs: for each ``(prompt, plan)`` row the row's plan is chosen against copies of it that
+    change one thing. Where the objects sit in two-slot regions (side by side or stacked):
 
     - ``mirror``: every region mirrored (left <-> right, top <-> bottom): the objects trade places;
     - ``rearrange``: side by side becomes stacked and back (left -> top, right -> bottom);
     - ``color``: the COLOR field repeats the first object's color for every object (only where colors differ).
+
+    Where the plan holds one object, once (``1 ... at center``):
+
+    - ``extra``: a second object the prompt never asked for (another shape and color) beside it, side by side;
+    - ``shape``: the object drawn as another shape.
+
+    The other shape and color are drawn from the grammar by a generator seeded with the prompt (reproducible).
 
     LAYOUT and COLOR of a moved plan are derived again (``spec.derive``), so a rejected plan is a coherent
     scene that says something else, except under ``color``, whose COLOR contradicts its objects. A mirror that
@@ -209,24 +218,53 @@ def contrast_plan_pairs(
 
 
 def _contrasts(plan: Plan, spec: PlanSpec, kinds: Sequence[str]) -> dict[str, Plan]:
-    """The hard negatives of one plan by kind (`contrast_plan_pairs`); empty unless every object is placed in a
-    two-slot region."""
+    """The hard negatives of one plan by kind (`contrast_plan_pairs`): the two-slot kinds where every object is
+    placed in a two-slot region, the one-object kinds where the plan holds one object once."""
     objects = plan.structured_objects(spec.object_grammar)
-    if not objects or any(not o.positions or set(o.positions) - set(MIRRORED) for o in objects):
+    if not objects:
         return {}
+    if all(o.positions and not set(o.positions) - set(MIRRORED) for o in objects):
+        return _two_slot_contrasts(plan, objects, spec, kinds)
+    if len(objects) == 1 and objects[0].count == 1:
+        return _one_object_contrasts(plan, objects[0], spec, kinds)
+    return {}
+
+
+def _two_slot_contrasts(plan: Plan, objects: list[PlanObject], spec: PlanSpec, kinds) -> dict[str, Plan]:
     out: dict[str, Plan] = {}
     for kind, table in (("mirror", MIRRORED), ("rearrange", REARRANGED)):
         if kind not in kinds:
             continue
         moved = [dataclasses.replace(o, positions=tuple(table[p] for p in o.positions)) for o in objects]
         if _placements(moved) != _placements(objects):
-            texts = tuple(o.to_text() for o in moved)
-            derived = spec.derive([(n, t) for n, t in plan.fields() if n != "OBJECT"] + [("OBJECT", t) for t in texts])
-            out[kind] = replace_fields(plan, objects=texts, **_lower(derived))
+            out[kind] = _with_objects(plan, moved, spec)
     colors = [o.color for o in objects]
     if "color" in kinds and None not in colors and len(set(colors)) > 1:
         out["color"] = replace_fields(plan, color=", ".join([colors[0]] * len(colors)))
     return out
+
+
+def _one_object_contrasts(plan: Plan, obj: PlanObject, spec: PlanSpec, kinds) -> dict[str, Plan]:
+    grammar = spec.object_grammar
+    rng = random.Random(plan.to_text())  # str seeds are hashed by sha512: the same draw in every process
+    shape = rng.choice(sorted(grammar.names - {obj.name}))
+    out: dict[str, Plan] = {}
+    if "extra" in kinds and grammar.colors and {"left", "right"} <= grammar.positions:
+        color = rng.choice(sorted(grammar.colors - {obj.color}))
+        other = dataclasses.replace(obj, name=shape, color=color)
+        sides = ["left", "right"] if rng.random() < 0.5 else ["right", "left"]
+        pair = [dataclasses.replace(obj, positions=(sides[0],)), dataclasses.replace(other, positions=(sides[1],))]
+        out["extra"] = _with_objects(plan, sorted(pair, key=lambda o: o.positions != ("left",)), spec)
+    if "shape" in kinds:
+        out["shape"] = _with_objects(plan, [dataclasses.replace(obj, name=shape)], spec)
+    return out
+
+
+def _with_objects(plan: Plan, objects: Sequence[PlanObject], spec: PlanSpec) -> Plan:
+    """``plan`` with these OBJECT entries and its LAYOUT and COLOR derived again from them."""
+    texts = tuple(o.to_text() for o in objects)
+    derived = spec.derive([(n, t) for n, t in plan.fields() if n != "OBJECT"] + [("OBJECT", t) for t in texts])
+    return replace_fields(plan, objects=texts, **_lower(derived))
 
 
 def _data_plans(rows: Sequence[tuple[str, str]], spec: PlanSpec | None, what: str) -> list[Plan]:

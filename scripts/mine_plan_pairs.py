@@ -3,7 +3,8 @@ it from). ``--source self-play`` (default): the writer's greedy and sampled plan
 says something else becomes a rejected plan against the row's own plan (`alignment.preference.self_play_plan_pairs`).
 ``--source contrast``: minimal pairs, the row's plan against copies with the objects mirrored, moved to the other
 two-slot arrangement, or a COLOR field that repeats one color (`alignment.preference.contrast_plan_pairs`; no
-planner runs). Held-out sentence frames never appear; the ShapesEval detector plays no part. Writes ``OUT/plans``
+planner runs); ``--contrasts ... extra shape`` adds one-object rows against an unasked second object or another
+shape. Held-out sentence frames never appear; the ShapesEval detector plays no part. Writes ``OUT/plans``
 (TRL's ``prompt`` / ``chosen`` / ``rejected``) and ``OUT/report.json``. Example:
 
     python scripts/mine_plan_pairs.py --rows 3000 --seed 11 --samples 2 --out runs/plan_pairs_sp
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.preference import CONTRASTS, contrast_plan_pairs, self_play_plan_pairs
+from alignment.preference import CONTRASTS, DEFAULT_CONTRASTS, contrast_plan_pairs, self_play_plan_pairs
 from planner.critic import says_the_same
 from planner.planner import Planner
 from safeio import atomic_write_json
@@ -31,7 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=("self-play", "contrast"), default="self-play")
     p.add_argument(
-        "--contrasts", nargs="+", choices=CONTRASTS, default=list(CONTRASTS), help="--source contrast: kinds"
+        "--contrasts", nargs="+", choices=CONTRASTS, default=list(DEFAULT_CONTRASTS), help="--source contrast: kinds"
     )
     p.add_argument("--rows", type=int, default=3000, help="fresh training-grammar rows")
     p.add_argument("--seed", type=int, default=11, help="row seed (the shipped writer was trained on seed 1's rows)")
