@@ -172,7 +172,7 @@ def self_play_plan_pairs(
 # Hard negatives of `contrast_plan_pairs`: each two-slot region mirrored, or moved to the other arrangement.
 MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 REARRANGED = {"left": "top", "right": "bottom", "top": "left", "bottom": "right"}
-CONTRASTS = ("mirror", "rearrange", "color", "extra", "shape")
+CONTRASTS = ("mirror", "rearrange", "color", "extra", "copy", "shape")
 DEFAULT_CONTRASTS = ("mirror", "rearrange", "color")  # the two-slot kinds (the first contrast pairs' set)
 
 
@@ -189,6 +189,7 @@ def contrast_plan_pairs(
     Where the plan holds one object, once (``1 ... at center``):
 
     - ``extra``: a second object the prompt never asked for (another shape and color) beside it, side by side;
+    - ``copy``: the same, with the second object the same shape in another color;
     - ``shape``: the object drawn as another shape.
 
     The other shape and color are drawn from the grammar by a generator seeded with the prompt (reproducible).
@@ -249,12 +250,13 @@ def _one_object_contrasts(plan: Plan, obj: PlanObject, spec: PlanSpec, kinds) ->
     rng = random.Random(plan.to_text())  # str seeds are hashed by sha512: the same draw in every process
     shape = rng.choice(sorted(grammar.names - {obj.name}))
     out: dict[str, Plan] = {}
-    if "extra" in kinds and grammar.colors and {"left", "right"} <= grammar.positions:
-        color = rng.choice(sorted(grammar.colors - {obj.color}))
-        other = dataclasses.replace(obj, name=shape, color=color)
+    for kind, name in (("extra", shape), ("copy", obj.name)):
+        if kind not in kinds or not grammar.colors or not {"left", "right"} <= grammar.positions:
+            continue
+        other = dataclasses.replace(obj, name=name, color=rng.choice(sorted(grammar.colors - {obj.color})))
         sides = ["left", "right"] if rng.random() < 0.5 else ["right", "left"]
         pair = [dataclasses.replace(obj, positions=(sides[0],)), dataclasses.replace(other, positions=(sides[1],))]
-        out["extra"] = _with_objects(plan, sorted(pair, key=lambda o: o.positions != ("left",)), spec)
+        out[kind] = _with_objects(plan, sorted(pair, key=lambda o: o.positions != ("left",)), spec)
     if "shape" in kinds:
         out["shape"] = _with_objects(plan, [dataclasses.replace(obj, name=shape)], spec)
     return out

@@ -554,22 +554,25 @@ def test_contrast_pairs_move_one_thing_and_keep_the_rejected_scene_coherent():
 
 def test_one_object_contrasts_add_an_unasked_object_or_change_the_shape():
     rows = [("a red circle", GOOD)]
-    writer, report = contrast_plan_pairs(rows, V.TOY_PLAN_SPEC, kinds=["extra", "shape"])
-    assert report == {"rows": 1, "rows_with_pair": 1, "extra": 1, "shape": 1, "pairs": 2}
+    kinds = ["extra", "copy", "shape"]
+    writer, report = contrast_plan_pairs(rows, V.TOY_PLAN_SPEC, kinds=kinds)
+    assert report == {"rows": 1, "rows_with_pair": 1, "extra": 1, "copy": 1, "shape": 1, "pairs": 3}
     chosen = Plan.parse(GOOD, V.TOY_PLAN_SPEC)
-    extra, shape = (Plan.parse(r["rejected"], V.TOY_PLAN_SPEC) for r in writer.plan_rows)
+    extra, copy, shape = (Plan.parse(r["rejected"], V.TOY_PLAN_SPEC) for r in writer.plan_rows)
     grammar = V.TOY_PLAN_SPEC.object_grammar
     (obj,) = chosen.structured_objects(grammar)
-    two = extra.structured_objects(grammar)
-    assert extra.layout == "2 objects, side by side"
-    assert sorted(p for o in two for p in o.positions) == ["left", "right"]
-    assert sum(dataclasses.replace(o, positions=()) == dataclasses.replace(obj, positions=()) for o in two) == 1
-    other = next(o for o in two if o.name != obj.name)
-    assert other.color != obj.color and extra.color == ", ".join(o.color for o in two)  # COLOR derived again
+    for rejected, same_shape in ((extra, False), (copy, True)):
+        two = rejected.structured_objects(grammar)
+        assert rejected.layout == "2 objects, side by side"
+        assert sorted(p for o in two for p in o.positions) == ["left", "right"]
+        assert sum(dataclasses.replace(o, positions=()) == dataclasses.replace(obj, positions=()) for o in two) == 1
+        other = next(o for o in two if dataclasses.replace(o, positions=()) != dataclasses.replace(obj, positions=()))
+        assert (other.name == obj.name) == same_shape and other.color != obj.color
+        assert rejected.color == ", ".join(o.color for o in two)  # COLOR derived again
     (moved,) = shape.structured_objects(grammar)
     assert moved.name != obj.name and dataclasses.replace(moved, name=obj.name) == obj
     assert shape.to_text().replace(moved.name, obj.name) == GOOD  # nothing else changed
-    again, _ = contrast_plan_pairs(rows, V.TOY_PLAN_SPEC, kinds=["extra", "shape"])
+    again, _ = contrast_plan_pairs(rows, V.TOY_PLAN_SPEC, kinds=kinds)
     assert again.plan_rows == writer.plan_rows  # the draw is seeded by the plan: reproducible
     _, default = contrast_plan_pairs(rows, V.TOY_PLAN_SPEC)
     assert default["pairs"] == 0  # the default kinds are the two-slot ones, as the first contrast pairs
