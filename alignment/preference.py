@@ -186,13 +186,13 @@ def contrast_plan_pairs(
     - ``rearrange``: side by side becomes stacked and back (left -> top, right -> bottom);
     - ``color``: the COLOR field repeats the first object's color for every object (only where colors differ).
 
-    Where the plan holds one object, once (``1 ... at center``):
+    Where the plan holds one object, once (``1 ...``, wherever it is placed):
 
     - ``extra``: a second object the prompt never asked for (another shape and color) beside it, side by side;
     - ``copy``: the same, with the second object the same shape in another color;
     - ``shape``: the object drawn as another shape.
 
-    The other shape and color are drawn from the grammar by a generator seeded with the prompt (reproducible).
+    The other shape and color are drawn from the grammar by a generator seeded with the plan's text (reproducible).
 
     LAYOUT and COLOR of a moved plan are derived again (``spec.derive``), so a rejected plan is a coherent
     scene that says something else, except under ``color``, whose COLOR contradicts its objects. A mirror that
