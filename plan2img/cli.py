@@ -166,7 +166,7 @@ def _load_reviser(args):
     LoRA adapter trained on the writer, merged over it); None without ``--reviser`` (no toy reviser is shipped: the
     trained ones made the loop worse, docs/results.md) or with ``--reviser none``."""
     from planner.planner import Planner, is_adapter_dir
-    from planner.reviser import PlanReviser
+    from planner.reviser import PlanReviser, reviser_stack
 
     given, writer = getattr(args, "reviser", None), _writer_source(args)
     if given in (None, "none"):
@@ -174,10 +174,8 @@ def _load_reviser(args):
     kwargs = _llm_kwargs(args)
     if not is_adapter_dir(given):
         return PlanReviser(Planner.from_pretrained(given, **kwargs))
-    if writer is not None and not is_adapter_dir(writer):  # a full writer folder: the adapter goes over it
-        return PlanReviser(Planner.from_pretrained(writer, adapter=given, **kwargs))
-    adapters = [writer, given] if writer is not None else [given]
-    return PlanReviser(Planner.from_pretrained(_pretrained("planner", args.llm), adapter=adapters, **kwargs))
+    base, adapters = reviser_stack(writer, given, _pretrained("planner", args.llm))
+    return PlanReviser(Planner.from_pretrained(base, adapter=adapters, **kwargs))
 
 
 def _reading(args) -> dict:

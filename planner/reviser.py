@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from planner.planner import Planner, PlanResult
+from planner.planner import Planner, PlanResult, is_adapter_dir
 from planner.schema import IMG_BEGIN, IMG_END, Plan, PlanSpec
 from safeio import InputError
 
@@ -34,6 +34,17 @@ def draft_text(plan: Plan | str) -> str:
 def revision_request(prompt: str, plan: Plan | str, critique_text: str | None) -> str:
     """The reviser's request: ``"<prompt> | draft: <plan fields> | critique: <critique>"``."""
     return f"{prompt} | draft: {draft_text(plan)} | critique: {critique_text or MATCHES}"
+
+
+def reviser_stack(writer: str | Path | None, reviser: str | Path, planner: str | Path) -> tuple[str, list[str]]:
+    """The planner folder and the adapters merged over it, in order, for a reviser LoRA adapter trained on
+    ``writer``: a writer adapter goes under the reviser over ``planner`` (the LM both were trained on); a writer
+    folder is the base itself; without a writer the reviser goes over ``planner`` alone."""
+    if writer is None:
+        return str(planner), [str(reviser)]
+    if is_adapter_dir(writer):
+        return str(planner), [str(writer), str(reviser)]
+    return str(writer), [str(reviser)]
 
 
 class PlanReviser:

@@ -42,8 +42,8 @@ from llm_bridge.bridge import LLMBridge
 from llm_bridge.pipeline import Plan2ImgPipeline
 from llm_bridge.refine import RefineConfig, Refiner, best_of
 from planner.critic import PlanReader, critique
-from planner.planner import Planner, is_adapter_dir, load_planner
-from planner.reviser import PlanReviser
+from planner.planner import Planner, load_planner
+from planner.reviser import PlanReviser, reviser_stack
 from safeio import atomic_write_json
 from toyworld import vocab as V
 from toyworld.eval.metadata import limit_per_task, read_metadata
@@ -71,14 +71,6 @@ def load_models(args):
         base, adapters = reviser_stack(args.writer or wide, args.reviser, pretrained_path("planner"))
         reviser = PlanReviser.from_pretrained(base, spec=spec, adapter=adapters)
     return pipe, native, critic, reviser
-
-
-def reviser_stack(writer, reviser, planner) -> tuple[str, list[str]]:
-    """The planner folder and the adapters merged over it, in order, for a reviser adapter trained on ``writer``:
-    a writer adapter goes under the reviser over the shipped planner; a writer folder is the base itself."""
-    if is_adapter_dir(writer):
-        return str(planner), [str(writer), str(reviser)]
-    return str(writer), [str(reviser)]
 
 
 def jobs_of(entries: list[dict], n: int, per_batch: int):

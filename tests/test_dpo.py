@@ -48,6 +48,7 @@ from diffusion_backbone.sampling import unet_forward
 from llm_bridge.bridge import LLMBridge
 from llm_bridge.connector import ConnectorConfig
 from planner.planner import Planner
+from planner.reviser import reviser_stack
 from planner.schema import Plan
 from planner.tokens import format_prompt
 from safeio import InputError
@@ -408,11 +409,11 @@ def test_a_soup_of_dpo_loras_merges_to_the_mean_of_the_merged_unets(tmp_path):
     soup = soup_unet_dpo(folders, tmp_path / "soup")
     fresh = tiny_unet(sample_size=8)
     load_unet_dpo(fresh, soup)
-    changed = 0
+    base, changed = dict(tiny_unet(sample_size=8).named_parameters()), 0
     for name, p in fresh.named_parameters():
         mean = torch.stack([m[name].detach() for m in merged]).mean(0)
         torch.testing.assert_close(p.detach(), mean, atol=1e-6, rtol=1e-5)
-        changed += not torch.equal(p, tiny_unet(sample_size=8).get_parameter(name)) if "attn" in name else 0
+        changed += not torch.equal(p, base[name]) if "attn" in name else 0
     assert changed > 0  # the soup did move the adapted layers
     weighted = soup_unet_dpo(folders[:2], tmp_path / "w", weights=[1.0, 0.0])
     only_first = tiny_unet(sample_size=8)
@@ -757,7 +758,7 @@ def test_reword_pairs_keeps_only_wordings_the_writer_plans_the_same():
 
 
 def test_eval_refine_stacks_the_reviser_over_the_writer_it_was_trained_on(tmp_path):
-    stack = _script("eval_refine").reviser_stack
+    stack = reviser_stack  # scripts/eval_refine.py and the CLI's --reviser both stack through it
     adapter, folder = tmp_path / "writer_adapter", tmp_path / "writer_folder"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
@@ -765,3 +766,4 @@ def test_eval_refine_stacks_the_reviser_over_the_writer_it_was_trained_on(tmp_pa
     # an adapter writer sits under the reviser over the shipped planner (it was left out before)
     assert stack(adapter, "rev", "planner") == ("planner", [str(adapter), "rev"])
     assert stack(folder, "rev", "planner") == (str(folder), ["rev"])
+    assert stack(None, "rev", "planner") == ("planner", ["rev"])
