@@ -301,12 +301,21 @@ def _f1(pred: list[str], gold: list[str]) -> float:
     return 2 * p * r / (p + r)
 
 
-def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpec | None = None) -> dict:
-    """Exact match, per-field token F1, object-level F1 (OBJECT entries as items) and parse rate."""
+def plan_metrics(
+    results: list[PlanResult],
+    gold_texts: list[str],
+    spec: PlanSpec | None = None,
+    groups: Sequence[str] | None = None,
+) -> dict:
+    """Exact match, per-field token F1, object-level F1 (OBJECT entries as items) and parse rate. ``groups``: a
+    label per prompt (e.g. its sentence frame); then also ``exact_by_group``, ``{label: {"right", "n", "exact"}}``."""
+    if groups is not None and len(groups) != len(results):
+        raise ValueError(f"groups has {len(groups)} labels for {len(results)} results")
     exact, parsed = 0, 0
+    by_group: dict[str, list[int]] = {}
     field_f1: dict[str, list[float]] = {f: [] for f in FIELDS}
     tp = n_pred = n_gold = 0
-    for r, gold_text in zip(results, gold_texts):
+    for i, (r, gold_text) in enumerate(zip(results, gold_texts)):
         gold = Plan.parse(gold_text)
         pred = None
         try:
@@ -314,8 +323,12 @@ def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpe
             parsed += 1
         except PlanError:
             pred = r.plan  # a repaired plan still counts for F1, not for the parse rate
-        if pred is not None and pred.to_text() == gold.to_text():
-            exact += 1
+        right = pred is not None and pred.to_text() == gold.to_text()
+        exact += right
+        if groups is not None:
+            tally = by_group.setdefault(groups[i], [0, 0])
+            tally[0] += right
+            tally[1] += 1
         for f in FIELDS:
             field_f1[f].append(_f1(_bag(pred.get(f) if pred else None), _bag(gold.get(f))))
         pred_objs = list(pred.objects) if pred else []
@@ -329,10 +342,13 @@ def plan_metrics(results: list[PlanResult], gold_texts: list[str], spec: PlanSpe
     p = tp / n_pred if n_pred else 0.0
     rec = tp / n_gold if n_gold else 0.0
     n = len(results)
-    return {
+    metrics = {
         "n": n,
         "exact_match": exact / n,
         "parse_rate": parsed / n,
         "field_f1": {f: float(np.mean(v)) for f, v in field_f1.items()},
         "object_f1": 2 * p * rec / (p + rec) if p + rec else 0.0,
     }
+    if groups is not None:
+        metrics["exact_by_group"] = {g: {"right": a, "n": b, "exact": a / b} for g, (a, b) in sorted(by_group.items())}
+    return metrics

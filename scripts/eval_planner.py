@@ -24,7 +24,7 @@ from planner.planner import Planner, load_planner
 from planner.schema import FIELDS
 from safeio import atomic_write_json, atomic_write_text
 from toyworld.data import fresh_examples, wide_rows
-from toyworld.eval.metadata import metadata_prompts
+from toyworld.eval.metadata import metadata_prompts, read_metadata
 from toyworld.vocab import TOY_PLAN_SPEC
 
 DECODINGS = ("constrained", "unconstrained")
@@ -42,27 +42,29 @@ def model_bytes(model) -> int:
     return model.get_memory_footprint()
 
 
-def prompt_sets(args) -> dict[str, tuple[list[str], list[str]]]:
-    """Name -> (prompts, gold plans): the grammar splits, then each metadata file under its file stem."""
+def prompt_sets(args) -> dict[str, tuple[list[str], list[str], list[str] | None]]:
+    """Name -> (prompts, gold plans, sentence frame of each prompt or None): the grammar splits, then each metadata
+    file under its file stem (frames from its entries' ``family``, where every entry has one)."""
     sets = {}
     for split in args.splits:
         if split == "wide":
             rows = wide_rows(args.n, args.seed, augment=False)
-            sets[split] = ([prompt for prompt, _ in rows], [plan for _, plan in rows])
+            sets[split] = ([prompt for prompt, _ in rows], [plan for _, plan in rows], None)
         else:
-            sets[split] = fresh_examples(split, args.n, args.seed)
+            sets[split] = (*fresh_examples(split, args.n, args.seed), None)
     for path in args.metadata:
-        sets[Path(path).stem] = metadata_prompts(path)
+        families = [e.get("family") for e in read_metadata(path)]
+        sets[Path(path).stem] = (*metadata_prompts(path), None if None in families else families)
     return sets
 
 
 def score(planner: Planner, sets: dict, decodings: list[str]) -> dict:
     """``{set}_{decoding}`` -> `plan_metrics` for every prompt set and decoding."""
     report = {}
-    for name, (prompts, gold) in sets.items():
+    for name, (prompts, gold, families) in sets.items():
         for decoding in decodings:
             res = planner.plan(prompts, constrained=decoding == "constrained", batch_size=32)
-            report[f"{name}_{decoding}"] = plan_metrics(res, gold, planner.spec)
+            report[f"{name}_{decoding}"] = plan_metrics(res, gold, planner.spec, groups=families)
     return report
 
 
@@ -109,6 +111,20 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def family_table(reports: list[dict]) -> str:
+    """Markdown: exact match per sentence frame (metadata sets with families), one column per planner."""
+    keys = [k for k, m in reports[0].items() if isinstance(m, dict) and "exact_by_group" in m]
+    lines = []
+    for key in keys:
+        head = ["frame", "n", *(str(r["planner"]) for r in reports)]
+        lines += [f"{key}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for family, cell in reports[0][key]["exact_by_group"].items():
+            cells = [f"{r[key]['exact_by_group'][family]['exact']:.3f}" for r in reports]
+            lines.append(f"| {family} | {cell['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -144,7 +160,7 @@ if __name__ == "__main__":
             report["int8"] = int8_report(planner, path, args.seed)
         reports.append(report)
         print(json.dumps({k: v for k, v in report.items() if "latency" in k or "int8" in k}, indent=2))
-    text = table(reports)
+    text = table(reports) + "\n" + family_table(reports)
     print(text)
     atomic_write_json(args.out, reports[0] if len(reports) == 1 else {"reports": reports})
     print(f"wrote {args.out}")

@@ -1,6 +1,9 @@
 """Toy planner training (TRL SFT) on a tiny data set, and the planner metrics."""
 
+import argparse
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +81,17 @@ def test_plan_metrics_on_known_answers():
     assert m["exact_match"] == 0.0 and m["parse_rate"] == 0.0 and m["object_f1"] == 0.0
     shifted = right[1:] + right[:1]
     assert plan_metrics(shifted, gold, V.TOY_PLAN_SPEC)["exact_match"] < 1.0
+
+
+def test_plan_metrics_exact_match_per_group():
+    prompts, gold = fresh_examples("heldout", 4, seed=0)
+    results = [PlanResult(p, Plan.parse(g), g, [], "end") for p, g in zip(prompts, gold)]
+    results[3] = PlanResult(prompts[3], None, "<IMG_BEGIN> junk", [], "eos", error="x")
+    m = plan_metrics(results, gold, V.TOY_PLAN_SPEC, groups=["a", "b", "a", "b"])
+    assert m["exact_by_group"] == {"a": {"right": 2, "n": 2, "exact": 1.0}, "b": {"right": 1, "n": 2, "exact": 0.5}}
+    assert m["exact_match"] == 0.75 and "exact_by_group" not in plan_metrics(results, gold, V.TOY_PLAN_SPEC)
+    with pytest.raises(ValueError, match="3 labels for 4 results"):
+        plan_metrics(results, gold, V.TOY_PLAN_SPEC, groups=["a", "b", "a"])
 
 
 def test_sft_continues_from_init_with_wide_rows(tiny_data, tmp_path):
@@ -188,3 +202,17 @@ def test_a_reviser_trains_on_extra_rows_alone_and_loads_as_a_second_adapter(tiny
     assert out[0].plan is not None and out[0].plan.is_valid(V.TOY_PLAN_SPEC)
     with pytest.raises(Exception, match="adapter"):
         Planner.from_pretrained(planner, adapter=[first, tmp_path / "nothing"])
+
+
+def test_eval_planner_reports_exact_match_per_sentence_frame():
+    spec = importlib.util.spec_from_file_location(
+        "eval_planner", Path(__file__).parent.parent / "scripts" / "eval_planner.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(splits=[], metadata=["toyworld/eval/data/shapes_eval_heldout.jsonl"], n=4, seed=0)
+    prompts, gold, families = module.prompt_sets(args)["shapes_eval_heldout"]
+    assert len(prompts) == len(gold) == len(families) == 800 and "single_like_to_see" in families
+    by_group = {"pair_both": {"right": 1, "n": 2, "exact": 0.5}}
+    reports = [{"planner": p, "x_constrained": {"exact_match": 0.5, "exact_by_group": by_group}} for p in ("A", "B")]
+    assert "| pair_both | 2 | 0.500 | 0.500 |" in module.family_table(reports)
