@@ -24,7 +24,7 @@ from planner.planner import Planner, load_planner
 from planner.schema import FIELDS
 from safeio import atomic_write_json, atomic_write_text
 from toyworld.data import fresh_examples, wide_rows
-from toyworld.eval.metadata import metadata_prompts, read_metadata
+from toyworld.eval.metadata import metadata_prompts
 from toyworld.vocab import TOY_PLAN_SPEC
 
 DECODINGS = ("constrained", "unconstrained")
@@ -53,8 +53,7 @@ def prompt_sets(args) -> dict[str, tuple[list[str], list[str], list[str] | None]
         else:
             sets[split] = (*fresh_examples(split, args.n, args.seed), None)
     for path in args.metadata:
-        families = [e.get("family") for e in read_metadata(path)]
-        sets[Path(path).stem] = (*metadata_prompts(path), None if None in families else families)
+        sets[Path(path).stem] = metadata_prompts(path)
     return sets
 
 

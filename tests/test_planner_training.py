@@ -127,7 +127,7 @@ def test_sft_continues_from_init_with_wide_rows(tiny_data, tmp_path):
 
 
 def test_metadata_prompts_score_a_metadata_file(tmp_path):
-    prompts, gold = metadata_prompts("toyworld/eval/data/handwritten.jsonl")
+    prompts, gold, _ = metadata_prompts("toyworld/eval/data/handwritten.jsonl")
     assert len(prompts) == len(gold) >= 45
     right = [PlanResult(p, Plan.parse(g), g, [], "end") for p, g in zip(prompts, gold)]
     assert plan_metrics(right, gold, V.TOY_PLAN_SPEC)["exact_match"] == 1.0

@@ -235,10 +235,12 @@ def ground_truth_spec(entry: dict) -> SceneSpec:
     return SceneSpec.from_plan(Plan.parse(entry["plan"]))
 
 
-def metadata_prompts(path: str | Path) -> tuple[list[str], list[str]]:
-    """Prompts and canonical plans of a ShapesEval metadata file (every entry needs a ``plan``)."""
+def metadata_prompts(path: str | Path) -> tuple[list[str], list[str], list[str] | None]:
+    """Prompts, canonical plans and sentence frames (each entry's ``family``; None unless every entry has one) of a
+    ShapesEval metadata file (every entry needs a ``plan``)."""
     entries = read_metadata(path)
     missing = [i for i, e in enumerate(entries) if "plan" not in e]
     if missing:
         raise ValueError(f"metadata {path}: entries {missing[:5]} have no 'plan' to score a planner against")
-    return [e["prompt"] for e in entries], [e["plan"] for e in entries]
+    families = [e.get("family") for e in entries]
+    return [e["prompt"] for e in entries], [e["plan"] for e in entries], None if None in families else families
