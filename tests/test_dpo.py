@@ -1,7 +1,6 @@
 """Diffusion-DPO's loss (invariances from the paper's equation) and the Pick-a-Pic pair loader."""
 
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny_planner, tiny_scheduler, tiny_unet, tiny_vae
+from tiny_models import load_script, save_tiny_planner, tiny_scheduler, tiny_unet, tiny_vae
 
 import alignment
 from alignment.dpo import (
@@ -699,22 +698,14 @@ def test_error_split_counts_images_by_whether_the_writer_plans_their_prompt_righ
 def test_error_split_checks_the_plans_of_the_writer_it_is_given(tmp_path):
     red = "<IMG_BEGIN> <STYLE> plain background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center "
     red += "<COLOR> red <MATERIAL> solid <LIGHTING> normal light <CAMERA> medium shot <IMG_END>"
-    writer_right = _script("error_split").writer_right
+    writer_right = load_script("error_split").writer_right
     assert writer_right(["a red circle"], [red]) == [True]  # the shipped writer
     untrained = save_tiny_planner(tmp_path / "llm", "llama")  # random weights: it does not write this plan
     assert writer_right(["a red circle"], [red], str(untrained)) == [False]
 
 
-def _script(name: str):
-    """scripts/NAME.py as a module, for testing its functions."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_critic_agreement_counts_detector_values_against_critic_readings():
-    module = _script("critic_agreement")
+    module = load_script("critic_agreement")
     plan = "<IMG_BEGIN> <STYLE> {style} background <LAYOUT> 1 object, center <OBJECT> 1 medium red circle at center "
     plan += "<COLOR> red <MATERIAL> solid <LIGHTING> {light} light <CAMERA> medium shot <IMG_END>"
     readings = [Plan.parse(plan.format(style=s, light=li), V.TOY_PLAN_SPEC)
@@ -727,7 +718,7 @@ def test_critic_agreement_counts_detector_values_against_critic_readings():
 
 
 def test_image_shift_measures_pixel_change_and_verdict_flips(tmp_path):
-    module = _script("dpo_winrate")
+    module = load_script("dpo_winrate")
     runs = {}
     for name, shade, verdicts in (("before", 100, [True, False]), ("after", 110, [True, True])):
         run = runs[name] = tmp_path / name
@@ -747,7 +738,7 @@ def test_reword_pairs_keeps_only_wordings_the_writer_plans_the_same():
     writer = Planner.from_pretrained(pretrained_path("planner"), adapter=pretrained_path("planner_wide"),
                                      spec=V.TOY_PLAN_SPEC)  # fmt: skip
     captions = ["a circle on a horizontal gradient background", "a star in dim light"]
-    alts = _script("reword_pairs").writer_rewordings(writer, captions, per_caption=3, tries=8, seed=0)
+    alts = load_script("reword_pairs").writer_rewordings(writer, captions, per_caption=3, tries=8, seed=0)
     assert len(alts) == 2 and all(1 <= len(a) <= 3 for a in alts)
     for caption, words in zip(captions, alts):
         assert caption not in words and len(set(words)) == len(words)

@@ -1,13 +1,11 @@
 """Toy planner training (TRL SFT) on a tiny data set, and the planner metrics."""
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_llm
+from tiny_models import load_script, save_tiny_llm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.planner_sft import (
@@ -205,11 +203,7 @@ def test_a_reviser_trains_on_extra_rows_alone_and_loads_as_a_second_adapter(tiny
 
 
 def test_eval_planner_reports_exact_match_per_sentence_frame():
-    spec = importlib.util.spec_from_file_location(
-        "eval_planner", Path(__file__).parent.parent / "scripts" / "eval_planner.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("eval_planner")
     args = argparse.Namespace(splits=[], metadata=["toyworld/eval/data/shapes_eval_heldout.jsonl"], n=4, seed=0)
     prompts, gold, families = module.prompt_sets(args)["shapes_eval_heldout"]
     assert len(prompts) == len(gold) == len(families) == 800 and "single_like_to_see" in families

@@ -1,7 +1,9 @@
-"""Tiny random components of the real classes (diffusers-test style), saved to folders for loader tests."""
+"""Tiny random components of the real classes (diffusers-test style), saved to folders for loader tests; and
+`load_script`, a file of scripts/ as a module for testing its functions."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -296,3 +298,11 @@ def save_tiny_clip_vision(folder: Path, image_size: int = 16) -> Path:
     size = {"shortest_edge": image_size}
     CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(str(folder))
     return folder
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module, for testing its functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
